@@ -1,0 +1,37 @@
+"""Shared fixtures: the real slides and tiles in ../shared/data (never copied into the repo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_ENV = "FOUNDATION_TEST_DATA"
+
+
+def shared_data_dir() -> Path:
+    """``$FOUNDATION_TEST_DATA`` or ``../shared/data`` next to the repository."""
+    return Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = shared_data_dir()
+    if not (path / "wsi").is_dir():
+        pytest.fail(f"real test data not found at {path}: set {DATA_ENV} to the shared data folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def wsi(data_dir: Path) -> dict[str, Path]:
+    """The five real slides by short name."""
+    w = data_dir / "wsi"
+    return {
+        "svs_jpeg": w / "aperio_svs" / "CMU-1-Small-Region.svs",
+        "svs_j2k": w / "aperio_svs" / "TCGA-CR-7395-01A-01-TS1.svs",
+        "dicom": w / "dicom" / "camelyon_multiframe_lowres.dcm",
+        "ome_tiff": w / "derived" / "CMU-1-Small-Region_pyramid.ome.tif",
+        "ihc_tiff": w / "derived" / "DeepLIIF_ROI_1_Ki67_IHC_pyramid.tif",
+    }

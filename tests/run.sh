@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command (README, CI): installs the stack into .venv if needed, then runs the whole suite.
+# Extra arguments go to pytest. Exit code 5 (no tests collected) is a failure, never a pass.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash install.sh || { echo "install failed" >&2; exit 1; }
+command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR=cpu
+.venv/bin/python -m pytest "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: failing on purpose" >&2
+  exit 1
+fi
+exit "$rc"
