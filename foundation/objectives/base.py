@@ -25,12 +25,50 @@ they are functions of the iteration computed by the trainer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 Batch = Mapping[str, torch.Tensor]
+
+#: dimensions of each batch key (``sample_ids`` is optional and never required)
+_BATCH_DIMS = {"global_crops": 5, "local_crops": 5, "masks": 3, "stain_ids": 1, "marker_ids": 1}
+
+
+def validate_batch(batch: Batch, keys: Sequence[str]) -> None:
+    """Raise ``KeyError``/``ValueError`` naming the key when ``batch`` breaks the contract for ``keys``.
+
+    Checks presence, rank, the common batch size B and the mask grid against the global crops;
+    shapes only, so it never synchronises with the device.
+    """
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing} (has {sorted(batch)}); this objective reads {list(keys)}")
+    for key in keys:
+        value = batch[key]
+        dims = _BATCH_DIMS.get(key)
+        if dims is not None and value.dim() != dims:
+            raise ValueError(f"batch[{key!r}] must have {dims} dimensions, got shape {list(value.shape)}")
+    batch_size = batch["stain_ids"].shape[0] if "stain_ids" in keys else None
+    for key in ("global_crops", "local_crops", "masks"):
+        if key in keys and batch_size is not None and batch[key].shape[1] != batch_size:
+            raise ValueError(f"batch[{key!r}] has batch size {batch[key].shape[1]}, stain_ids has {batch_size}")
+    if "marker_ids" in keys and "stain_ids" in keys and batch["marker_ids"].shape != batch["stain_ids"].shape:
+        raise ValueError(f"batch['marker_ids'] {list(batch['marker_ids'].shape)} differs from "
+                         f"batch['stain_ids'] {list(batch['stain_ids'].shape)}")
+    if "masks" in keys:
+        masks, crops = batch["masks"], batch["global_crops"]
+        if masks.dtype != torch.bool or masks.shape[:2] != crops.shape[:2]:
+            raise ValueError(f"batch['masks'] must be bool [G, B, N] matching global_crops {list(crops.shape[:2])}, "
+                             f"got {masks.dtype} {list(masks.shape)}")
+
+
+def step_value(step_values: Mapping[str, float], name: str) -> float:
+    """A required schedule value; ``KeyError`` naming it when the trainer did not provide it."""
+    if name not in step_values:
+        raise KeyError(f"step_values lacks {name!r} (has {sorted(step_values)}): the trainer must schedule it")
+    return float(step_values[name])
 
 
 class Objective(nn.Module, ABC):
@@ -70,6 +108,21 @@ class Objective(nn.Module, ABC):
     def teacher_backbone(teacher: nn.Module) -> nn.Module:
         """The teacher's encoder inside the module returned by :meth:`build_teacher`."""
         return teacher.backbone
+
+    @torch.no_grad()
+    def pictures(self, batch: Batch, teacher: nn.Module | None) -> dict[str, torch.Tensor]:
+        """Images for logging, computed on ``global_crops[0]``: name -> ``[B, C, H, W]`` float.
+
+        Here: ``attention`` (values in [0, 1]), the CLS-to-patch attention of the last block of the teacher's backbone
+        (the student's where there is no teacher), one channel per head, each map scaled to max 1.
+        Objectives add their own (MAE: ``mae_input``, ``mae_masked``, ``mae_reconstruction``, which
+        stay in the normalised input space: the trainer un-normalises them with the data mean/std).
+        Call it with the objective in eval mode (no stain-token dropout, no drop path).
+        """
+        backbone = self.teacher_backbone(teacher) if teacher is not None else self.backbone()
+        images = batch["global_crops"][0]
+        maps = backbone.cls_attention_map(images, batch["stain_ids"], batch["marker_ids"]).float()
+        return {"attention": maps / maps.amax(dim=(-2, -1), keepdim=True).clamp(min=torch.finfo(maps.dtype).tiny)}
 
     def param_group_tags(self, name: str) -> dict[str, float | bool]:
         """Extra tags for one named parameter (``is_last_layer`` for prototype freezing, ...).

@@ -1,0 +1,104 @@
+"""Self-distillation losses shared by DINO, iBOT and MAE+iBOT, and the two teacher-centring methods.
+
+Notation: K prototypes, B images per view, temperatures tau_s (student) and tau_t (teacher).
+All maths runs in float32 whatever the autocast or parameter dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from foundation.objectives import distributed as D
+
+
+def cross_view_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                             student_temp: float) -> torch.Tensor:
+    """DINO's CLS loss: mean over view pairs ``(v, u)``, ``v != u``, of ``mean_b -sum_k t[u,b,k] log s[v,b,k]``.
+
+    Args:
+        student_logits: ``[V, B, K]``; views ``0 .. G-1`` are the global crops, the rest local crops.
+        teacher_probs: ``[G, B, K]`` teacher distributions of the G global crops.
+        student_temp: tau_s; ``s = softmax(student_logits / tau_s)``.
+
+    A student view is never compared with the teacher's view of the same crop (``v == u``).
+    """
+    V, B, _ = student_logits.shape
+    G = teacher_probs.shape[0]
+    n_pairs = V * G - min(V, G)
+    if n_pairs == 0:
+        raise ValueError(f"no cross-view pairs with {V} student views and {G} teacher views: "
+                         "DINO/iBOT need 2 global crops, or 1 global crop and local crops")
+    log_s = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    ce = -torch.einsum("ubk,vbk->vu", teacher_probs.float(), log_s) / B   # [V, G]
+    same_view = torch.eye(V, G, dtype=torch.bool, device=ce.device)
+    return ce.masked_fill(same_view, 0.0).sum() / n_pairs
+
+
+def masked_patch_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor,
+                               student_temp: float) -> torch.Tensor:
+    """iBOT's patch loss, each image weighted equally: ``(1/I) sum_i (1/M_i) sum_{p masked in i} CE(t_p, s_p)``.
+
+    Args:
+        student_logits, teacher_probs: ``[M, K]`` for the masked patches, in ``x[masks]`` order.
+        masks: ``[I, N]`` bool over all I images (images without masked patches count in I).
+        student_temp: tau_s.
+    """
+    ce = -(teacher_probs.float() * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(-1)  # [M]
+    per_image = 1.0 / masks.sum(dim=-1).clamp(min=1).float()                                    # [I]
+    weights = per_image[:, None].expand_as(masks)[masks]                                       # [M]
+    return (ce * weights).sum() / max(masks.shape[0], 1)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, iterations: int) -> torch.Tensor:
+    """Teacher targets by Sinkhorn-Knopp (SwAV, DINOv2), correct across ranks.
+
+    ``Q = exp(logits / tau_t)`` (as ``[K, n]``) is alternately scaled so that every prototype gets
+    ``1/K`` of the mass (row sums all-reduced over ranks) and every sample ``1/n_total`` (n_total =
+    samples on all ranks). Returns ``[n, K]``; each row is a distribution (sums to 1).
+    """
+    x = teacher_logits.float() / teacher_temp
+    # subtracting the global max changes nothing after the first normalisation but avoids overflow
+    peak = x.amax() if x.numel() else x.new_tensor(float("-inf"))
+    peak = D.all_reduce_max(peak.reshape(1).clone())
+    q = torch.exp(x - peak).t()                                        # [K, n]
+    n_total = D.all_reduce_sum(torch.tensor([float(q.shape[1])], device=q.device))
+    q /= D.all_reduce_sum(q.sum().reshape(1))
+    n_prototypes = q.shape[0]
+    for _ in range(iterations):
+        q /= D.all_reduce_sum(q.sum(dim=1, keepdim=True))              # each prototype: total mass 1 ...
+        q /= n_prototypes                                              # ... then 1/K
+        q /= q.sum(dim=0, keepdim=True)                                # each sample: mass 1 ...
+        q /= n_total                                                   # ... then 1/n_total
+    q *= n_total
+    return q.t()
+
+
+class CenterEMA(nn.Module):
+    """DINO centring: ``softmax((t - c) / tau_t)``, ``c <- m c + (1 - m) mean(t)`` (mean over all ranks).
+
+    The centre is a buffer, so it is saved and restored with the module state.
+    """
+
+    def __init__(self, dim: int, momentum: float) -> None:
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"centre momentum must lie in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, dim))
+
+    @torch.no_grad()
+    def probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Centred, sharpened teacher distributions ``[n, K]`` (with the centre before this batch)."""
+        return F.softmax((teacher_logits.float() - self.center.float()) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def update(self, teacher_logits: torch.Tensor) -> None:
+        """EMA step towards this batch's mean over all ranks; no change if no rank had a sample."""
+        total = D.all_reduce_sum(teacher_logits.float().sum(dim=0, keepdim=True))
+        count = D.all_reduce_sum(torch.tensor([float(teacher_logits.shape[0])], device=total.device))
+        new = self.center.float() * self.momentum + total / count.clamp(min=1.0) * (1.0 - self.momentum)
+        # torch.where instead of `if count > 0` avoids a host sync
+        self.center.copy_(torch.where(count > 0, new, self.center.float()))
