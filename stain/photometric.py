@@ -1,0 +1,203 @@
+"""Generic photometric augmentation (DINOv2 recipe): parameter sampling and the torch reference.
+
+Per crop, in this fixed order, on float RGB levels in ``[0, 255]`` (``HWC``), clipping to ``[0, 255]`` after each
+colour step:
+
+1. brightness ``x * b``;
+2. contrast ``c * x + (1 - c) * mean(grey(x))`` (torchvision's definition: blend with the mean grey level);
+3. colour matrix ``x @ (S(s) @ R(h))``: saturation ``S`` blends with the grey image (torchvision), hue ``R`` rotates
+   colours about the grey axis by ``h`` turns (a linear stand-in for the HSV hue shift that maps red to green at
+   ``h = 1/3`` exactly, as HSV does);
+4. grayscale ``x @ G`` (every channel the grey level) or identity;
+5. Gaussian blur (``blur_window`` x ``blur_window`` separable kernel, mirrored borders; window 1 = no blur);
+6. solarize ``255 - x`` where ``x >= threshold``.
+
+Colour jitter applies with probability ``color_jitter_p`` (all four factors at once, like torchvision's
+``RandomApply(ColorJitter)``). torchvision draws a random order of the four jitter steps per call; we fix it, so one
+static DALI graph can run it. Parameters are drawn on the host from the pipeline's own ``numpy.random.Generator``;
+the same arrays drive :func:`apply_photometric` and :func:`stain.dali_ops.photometric_augment`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stain.deconvolution import MAX_LEVEL
+
+#: ITU-R 601 luma, torchvision's ``rgb_to_grayscale`` weights
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+CROP_TYPES = ("global1", "global2", "local")
+# uniforms drawn per crop: jitter?, brightness, contrast, saturation, hue, gray?, blur?, blur sigma, solarize?
+_DRAWS_PER_CROP = 9
+
+
+@dataclass(frozen=True)
+class PhotometricParams:
+    """Per-crop parameters; identity values mean "not applied"."""
+
+    brightness: np.ndarray    # [N] float32, 1 = unchanged
+    contrast: np.ndarray      # [N] float32, 1 = unchanged
+    color_matrix: np.ndarray  # [N,3,3] float32, saturation then hue (row vectors: x @ M)
+    gray_matrix: np.ndarray   # [N,3,3] float32, identity or grayscale
+    blur_window: np.ndarray   # [N] int32, 1 = no blur
+    blur_sigma: np.ndarray    # [N] float32
+    solarize: np.ndarray      # [N] float32, 1 = solarize, 0 = not
+    solarize_threshold: float
+
+    def __len__(self) -> int:
+        return len(self.brightness)
+
+
+def saturation_matrix(s: np.ndarray) -> np.ndarray:
+    """``[N,3,3]``: ``x @ S = s * x + (1 - s) * grey(x)`` for each factor in ``s``."""
+    s = np.asarray(s, dtype=np.float64)[:, None, None]
+    return s * np.eye(3) + (1.0 - s) * LUMA_WEIGHTS[None, :, None] * np.ones((1, 1, 3))
+
+
+def hue_matrix(h: np.ndarray) -> np.ndarray:
+    """``[N,3,3]``: rotation about the grey axis ``(1,1,1)`` by ``h`` turns (Rodrigues), red -> green positive."""
+    theta = 2.0 * math.pi * np.asarray(h, dtype=np.float64)[:, None, None]
+    k = np.ones(3) / math.sqrt(3.0)
+    cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    rot = np.cos(theta) * np.eye(3) + np.sin(theta) * cross + (1.0 - np.cos(theta)) * np.outer(k, k)
+    # rot acts on column vectors; our convention is x @ M
+    return np.transpose(rot, (0, 2, 1))
+
+
+def grayscale_matrix(n: int) -> np.ndarray:
+    """``[n,3,3]``: every output channel is the luma of the input."""
+    return np.tile(LUMA_WEIGHTS[:, None] * np.ones((1, 3)), (n, 1, 1))
+
+
+def _probability(cfg: Mapping[str, Any], key: str, crop: str | None = None) -> float:
+    value = cfg[key] if crop is None else cfg[key][crop]
+    where = f"augmentation.generic.{key}" + (f".{crop}" if crop else "")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where}={value} must lie in [0, 1]")
+    return value
+
+
+def sample_photometric_params(crop: str, n: int, rng: np.random.Generator,
+                              cfg: Mapping[str, Any]) -> PhotometricParams:
+    """Draw the generic-op parameters of ``n`` crops of type ``crop`` (``global1``, ``global2``, ``local``).
+
+    ``cfg`` is the ``data.augmentation.generic`` section. Exactly ``9 * n`` uniforms are drawn from ``rng``.
+    """
+    if crop not in CROP_TYPES:
+        raise KeyError(f"unknown crop type {crop!r}; choose one of {CROP_TYPES}")
+    jitter_p = _probability(cfg, "color_jitter_p")
+    gray_p = _probability(cfg, "grayscale_p")
+    blur_p = _probability(cfg, "blur_p", crop)
+    solarize_p = _probability(cfg, "solarize_p", crop)
+    strengths = {k: float(cfg[k]) for k in ("brightness", "contrast", "saturation", "hue")}
+    for key, value in strengths.items():
+        if value < 0.0 or (key != "hue" and value > 1.0) or (key == "hue" and value > 0.5):
+            raise ValueError(f"augmentation.generic.{key}={value} out of range ([0, 1], hue [0, 0.5])")
+    sigma_lo, sigma_hi = (float(v) for v in cfg["blur_sigma"])
+    if not 0.0 < sigma_lo <= sigma_hi:
+        raise ValueError(f"augmentation.generic.blur_sigma={[sigma_lo, sigma_hi]} must be 0 < lo <= hi")
+    window = int(cfg["blur_window"])
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"augmentation.generic.blur_window={window} must be a positive odd integer")
+
+    u = rng.random((n, _DRAWS_PER_CROP))
+    jitter = u[:, 0] < jitter_p
+
+    def factor(col: int, key: str) -> np.ndarray:
+        return np.where(jitter, 1.0 + strengths[key] * (2.0 * u[:, col] - 1.0), 1.0)
+
+    hue = np.where(jitter, strengths["hue"] * (2.0 * u[:, 4] - 1.0), 0.0)
+    gray = u[:, 5] < gray_p
+    blur = u[:, 6] < blur_p
+    gray_m = np.where(gray[:, None, None], grayscale_matrix(n), np.eye(3))
+    return PhotometricParams(
+        brightness=factor(1, "brightness").astype(np.float32),
+        contrast=factor(2, "contrast").astype(np.float32),
+        color_matrix=np.ascontiguousarray(saturation_matrix(factor(3, "saturation")) @ hue_matrix(hue),
+                                          dtype=np.float32),
+        gray_matrix=np.ascontiguousarray(gray_m, dtype=np.float32),
+        blur_window=np.where(blur, window, 1).astype(np.int32),
+        blur_sigma=(sigma_lo + (sigma_hi - sigma_lo) * u[:, 7]).astype(np.float32),
+        solarize=(u[:, 8] < solarize_p).astype(np.float32),
+        solarize_threshold=float(cfg["solarize_threshold"]),
+    )
+
+
+def _clip(x: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(x, 0.0, MAX_LEVEL)
+
+
+def _per_sample(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device).reshape(-1, 1, 1, 1)
+
+
+def adjust_brightness(x: torch.Tensor, b: np.ndarray) -> torch.Tensor:
+    """``clip(b * x)`` per sample of ``[N,H,W,3]`` float levels."""
+    return _clip(x * _per_sample(b, x))
+
+
+def adjust_contrast(x: torch.Tensor, c: np.ndarray) -> torch.Tensor:
+    """``clip(c * x + (1 - c) * mean grey level)`` per sample."""
+    luma = torch.as_tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device)
+    mean = (x @ luma).mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+    c = _per_sample(c, x)
+    return _clip(c * x + (1.0 - c) * mean)
+
+
+def apply_color_matrix(x: torch.Tensor, m: np.ndarray) -> torch.Tensor:
+    """``clip(x @ M)`` per sample (``M`` ``[N,3,3]``, row vectors)."""
+    m = torch.as_tensor(m, dtype=x.dtype, device=x.device)
+    return _clip(torch.einsum("nhwc,ncd->nhwd", x, m))
+
+
+def gaussian_kernel(window: int, sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian taps of odd length ``window`` (float64)."""
+    r = np.arange(window, dtype=np.float64) - (window - 1) / 2
+    k = np.exp(-(r**2) / (2.0 * sigma**2))
+    return k / k.sum()
+
+
+def gaussian_blur(x: torch.Tensor, window: np.ndarray, sigma: np.ndarray) -> torch.Tensor:
+    """Separable Gaussian blur per sample with mirrored borders (``reflect``, edge not repeated)."""
+    out = torch.empty_like(x)
+    for i in range(x.shape[0]):
+        w = int(window[i])
+        if w == 1:
+            out[i] = x[i]
+            continue
+        k = torch.as_tensor(gaussian_kernel(w, float(sigma[i])), dtype=x.dtype, device=x.device)
+        img = x[i].permute(2, 0, 1)[:, None]  # [3,1,H,W]
+        pad = w // 2
+        img = F.conv2d(F.pad(img, (pad, pad, 0, 0), mode="reflect"), k.reshape(1, 1, 1, w))
+        img = F.conv2d(F.pad(img, (0, 0, pad, pad), mode="reflect"), k.reshape(1, 1, w, 1))
+        out[i] = img[:, 0].permute(1, 2, 0)
+    return out
+
+
+def solarize(x: torch.Tensor, flags: np.ndarray, threshold: float) -> torch.Tensor:
+    """``255 - x`` where ``x >= threshold``, for the samples whose flag is 1."""
+    on = _per_sample(flags, x) > 0
+    return torch.where(on & (x >= threshold), MAX_LEVEL - x, x)
+
+
+def apply_photometric(images: torch.Tensor, params: PhotometricParams) -> torch.Tensor:
+    """Torch reference of the whole chain on ``[N,H,W,3]`` float levels in ``[0, 255]``."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [N, H, W, 3], got {tuple(images.shape)}")
+    if images.shape[0] != len(params):
+        raise ValueError(f"{images.shape[0]} images but parameters for {len(params)}")
+    x = images if images.is_floating_point() else images.to(torch.float32)
+    x = adjust_brightness(x, params.brightness)
+    x = adjust_contrast(x, params.contrast)
+    x = apply_color_matrix(x, params.color_matrix)
+    x = torch.einsum("nhwc,ncd->nhwd", x, torch.as_tensor(params.gray_matrix, dtype=x.dtype, device=x.device))
+    x = gaussian_blur(x, params.blur_window, params.blur_sigma)
+    return solarize(x, params.solarize, params.solarize_threshold)

@@ -1,0 +1,205 @@
+"""Generic photometric ops (DINOv2 recipe) against torchvision / scikit-image definitions on real tiles."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from skimage.color import hsv2rgb, rgb2hsv
+
+from foundation.config import load_config, to_dict
+from stain.photometric import (
+    PhotometricParams,
+    adjust_brightness,
+    adjust_contrast,
+    apply_color_matrix,
+    apply_photometric,
+    gaussian_blur,
+    grayscale_matrix,
+    hue_matrix,
+    sample_photometric_params,
+    saturation_matrix,
+    solarize,
+)
+
+
+@pytest.fixture(scope="module")
+def tiles(data_dir: Path) -> torch.Tensor:
+    """Four real tiles (2 H&E, 2 IHC) as float64 ``[4,224,224,3]`` levels."""
+    root = data_dir / "tiles" / "stain_he_vs_ihc"
+    paths = sorted((root / "HE").glob("*.png"))[:2] + sorted((root / "IHC").glob("*.png"))[:2]
+    return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).astype(np.float64))
+
+
+@pytest.fixture(scope="module")
+def generic_cfg() -> dict[str, Any]:
+    return to_dict(load_config().data.augmentation.generic)
+
+
+def tv(x: torch.Tensor) -> torch.Tensor:
+    """Our ``[N,H,W,3]`` levels -> torchvision's ``[N,3,H,W]`` in [0, 1]."""
+    return x.permute(0, 3, 1, 2) / 255.0
+
+
+def ours(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2) / 255.0
+
+
+def luma(x: np.ndarray) -> np.ndarray:
+    """PIL's ``convert("L")`` weights, what DINOv2's PIL-based ColorJitter blends with."""
+    return 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+
+
+# torchvision's tensor path uses 0.2989 for red instead of 0.299: at most 1e-4 apart in [0, 1] units
+TV_LUMA_TOL = 1e-4
+
+
+def test_brightness_contrast_saturation_match_their_definitions(tiles: torch.Tensor) -> None:
+    factors = np.array([0.6, 0.9, 1.2, 1.4])
+    x = tiles.numpy()
+    f = factors[:, None, None, None]
+    grey = luma(x)[..., None]
+    mean = grey.mean(axis=(1, 2), keepdims=True)
+    cases = (
+        (adjust_brightness(tiles, factors), np.clip(f * x, 0, 255), TF.adjust_brightness),
+        (adjust_contrast(tiles, factors), np.clip(f * x + (1 - f) * mean, 0, 255), TF.adjust_contrast),
+        (apply_color_matrix(tiles, saturation_matrix(factors)), np.clip(f * x + (1 - f) * grey, 0, 255),
+         TF.adjust_saturation),
+    )
+    for got, expected, torchvision_op in cases:
+        np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-10)
+        for i, factor in enumerate(factors):
+            torch.testing.assert_close(ours(got[i:i + 1]), torchvision_op(tv(tiles[i:i + 1]), float(factor)),
+                                       rtol=0, atol=TV_LUMA_TOL)
+    assert np.abs(cases[1][1] - x).mean() > 1.0  # contrast did something
+
+
+def test_grayscale_has_equal_channels_at_the_luma(tiles: torch.Tensor) -> None:
+    out = apply_color_matrix(tiles, grayscale_matrix(len(tiles)))
+    for c in range(3):
+        np.testing.assert_allclose(out[..., c].numpy(), luma(tiles.numpy()), rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours(out), TF.rgb_to_grayscale(tv(tiles), num_output_channels=3), rtol=0,
+                               atol=TV_LUMA_TOL)
+    np.testing.assert_allclose(saturation_matrix(np.zeros(2)), grayscale_matrix(2), rtol=0, atol=1e-15)
+
+
+def test_hue_rotation_is_hsv_at_thirds_and_keeps_grey(tiles: torch.Tensor) -> None:
+    for turns in (1 / 3, 2 / 3):
+        out = apply_color_matrix(tiles, hue_matrix(np.full(len(tiles), turns))).numpy()
+        hsv = rgb2hsv(tiles.numpy() / 255.0)
+        hsv[..., 0] = (hsv[..., 0] + turns) % 1.0
+        np.testing.assert_allclose(out, 255.0 * hsv2rgb(hsv), rtol=0, atol=1e-9)
+    h = np.array([0.0, 0.05, -0.1, 0.1])
+    m = hue_matrix(h)
+    np.testing.assert_allclose(m[0], np.eye(3), atol=1e-15)
+    np.testing.assert_allclose(m @ np.transpose(m, (0, 2, 1)), np.tile(np.eye(3), (4, 1, 1)), atol=1e-14)
+    np.testing.assert_allclose(m @ hue_matrix(-h), np.tile(np.eye(3), (4, 1, 1)), atol=1e-14)
+    np.testing.assert_allclose(np.ones(3) @ m, np.tile(np.ones(3), (4, 1)), atol=1e-14)  # grey stays grey
+
+
+def test_blur_matches_torchvision(tiles: torch.Tensor) -> None:
+    window = np.array([9, 9, 1, 9])
+    sigma = np.array([0.1, 1.0, 1.5, 2.0])
+    out = gaussian_blur(tiles, window, sigma)
+    for i in range(len(tiles)):
+        expected = tv(tiles[i:i + 1])
+        if window[i] > 1:
+            expected = TF.gaussian_blur(expected, [int(window[i])] * 2, [float(sigma[i])] * 2)
+        torch.testing.assert_close(ours(out[i:i + 1]), expected, rtol=0, atol=1e-12)
+    assert (out[3] - tiles[3]).abs().mean() > 1.0
+
+
+def test_solarize_inverts_at_and_above_the_threshold(tiles: torch.Tensor) -> None:
+    flags = np.array([1.0, 0.0, 1.0, 1.0])
+    out = solarize(tiles, flags, 128.0)
+    torch.testing.assert_close(ours(out[[0, 2, 3]]), TF.solarize(tv(tiles[[0, 2, 3]]), 128 / 255), rtol=0,
+                               atol=1e-15)
+    torch.testing.assert_close(out[1], tiles[1], rtol=0, atol=0)
+    levels = torch.arange(256, dtype=torch.float64).reshape(1, 16, 16, 1).expand(1, 16, 16, 3)
+    solarized = solarize(levels, np.ones(1), 128.0)[0, ..., 0].flatten()
+    expected = torch.where(torch.arange(256) >= 128, 255 - torch.arange(256), torch.arange(256)).double()
+    torch.testing.assert_close(solarized, expected, rtol=0, atol=0)
+
+
+def identity_params(n: int) -> PhotometricParams:
+    eye = np.tile(np.eye(3, dtype=np.float32), (n, 1, 1))
+    return PhotometricParams(np.ones(n, np.float32), np.ones(n, np.float32), eye, eye, np.ones(n, np.int32),
+                             np.ones(n, np.float32), np.zeros(n, np.float32), 128.0)
+
+
+def test_chain_with_identity_parameters_is_the_identity(tiles: torch.Tensor) -> None:
+    torch.testing.assert_close(apply_photometric(tiles, identity_params(len(tiles))), tiles, rtol=0, atol=1e-9)
+
+
+def test_chain_composes_the_steps(tiles: torch.Tensor, generic_cfg: dict) -> None:
+    params = sample_photometric_params("global2", len(tiles), np.random.default_rng(3), generic_cfg)
+    x = adjust_brightness(tiles, params.brightness)
+    x = adjust_contrast(x, params.contrast)
+    x = apply_color_matrix(x, params.color_matrix)
+    x = torch.einsum("nhwc,ncd->nhwd", x, torch.from_numpy(params.gray_matrix.astype(np.float64)))
+    x = solarize(gaussian_blur(x, params.blur_window, params.blur_sigma), params.solarize, 128.0)
+    torch.testing.assert_close(apply_photometric(tiles, params), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("crop, blur_p, solarize_p", [("global1", 1.0, 0.0), ("global2", 0.1, 0.2),
+                                                      ("local", 0.5, 0.0)])
+def test_sampled_probabilities_follow_dinov2(crop: str, blur_p: float, solarize_p: float, generic_cfg: dict) -> None:
+    n = 6000
+    p = sample_photometric_params(crop, n, np.random.default_rng(0), generic_cfg)
+    tol = 4 * np.sqrt(0.25 / n)
+    jittered = p.brightness != 1.0
+    assert abs(jittered.mean() - generic_cfg["color_jitter_p"]) < tol
+    assert abs((p.blur_window == generic_cfg["blur_window"]).mean() - blur_p) < tol
+    assert set(np.unique(p.blur_window)) <= {1, generic_cfg["blur_window"]}
+    assert abs(p.solarize.mean() - solarize_p) < tol
+    gray = ~np.all(np.isclose(p.gray_matrix, np.eye(3)), axis=(1, 2))
+    assert abs(gray.mean() - generic_cfg["grayscale_p"]) < tol
+    for values, key in ((p.brightness, "brightness"), (p.contrast, "contrast")):
+        assert np.abs(values - 1).max() <= generic_cfg[key] + 1e-6
+        assert np.abs(values - 1).max() > 0.95 * generic_cfg[key]
+    lo, hi = generic_cfg["blur_sigma"]
+    assert lo <= p.blur_sigma.min() and p.blur_sigma.max() <= hi
+    # not jittered -> colour matrix is the identity
+    np.testing.assert_allclose(p.color_matrix[~jittered], np.tile(np.eye(3), ((~jittered).sum(), 1, 1)), atol=1e-7)
+
+
+def test_sampled_saturation_and_hue_are_recoverable(generic_cfg: dict) -> None:
+    p = sample_photometric_params("local", 2000, np.random.default_rng(1), generic_cfg)
+    # the grey axis is an eigenvector of both factors: S(s) R(h) keeps (1,1,1) exactly
+    np.testing.assert_allclose(np.ones(3) @ p.color_matrix, np.ones((2000, 3)), atol=1e-5)
+    # saturation scales the chroma plane; hue rotates it: the chroma gain is s
+    chroma = np.array([1.0, -1.0, 0.0]) / np.sqrt(2)
+    out = chroma @ p.color_matrix
+    gain = np.linalg.norm(out - out.mean(-1, keepdims=True), axis=-1)
+    assert np.all(gain >= 1 - generic_cfg["saturation"] - 0.05) and np.all(gain <= 1 + generic_cfg["saturation"] + 0.05)
+
+
+def test_sampling_is_deterministic_and_draws_nine_per_crop(generic_cfg: dict) -> None:
+    rng = np.random.default_rng(9)
+    a = sample_photometric_params("global1", 50, rng, generic_cfg)
+    b = sample_photometric_params("global1", 50, np.random.default_rng(9), generic_cfg)
+    for field in ("brightness", "contrast", "color_matrix", "gray_matrix", "blur_window", "blur_sigma", "solarize"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    twin = np.random.default_rng(9)
+    twin.random((50, 9))
+    assert rng.random() == twin.random()
+
+
+def test_bad_configuration_is_named(generic_cfg: dict) -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(KeyError, match="'global3'"):
+        sample_photometric_params("global3", 2, rng, generic_cfg)
+    for key, value, pattern in (("blur_window", 8, "blur_window=8"), ("hue", 0.7, "hue=0.7"),
+                                ("grayscale_p", 1.5, "grayscale_p=1.5"), ("blur_sigma", [0.0, 2.0], "blur_sigma")):
+        cfg = copy.deepcopy(generic_cfg)
+        cfg[key] = value
+        with pytest.raises(ValueError, match=pattern):
+            sample_photometric_params("local", 2, rng, cfg)
+    with pytest.raises(ValueError, match="2 images but parameters for 3"):
+        apply_photometric(torch.zeros(2, 4, 4, 3), identity_params(3))
