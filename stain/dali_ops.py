@@ -1,0 +1,124 @@
+"""DALI adapter of the stain and photometric augmentations (same definitions as the torch references).
+
+Call the builders inside a pipeline definition. Per-sample parameters are drawn on the host
+(:func:`stain.augment.sample_stain_params`, :func:`stain.photometric.sample_photometric_params`) from the
+pipeline's own seeded generator, converted with :func:`stain_dali_args` / :func:`photometric_dali_args`, and fed
+through ``fn.external_source`` (CPU) nodes. Matrix arguments of ``coord_transform`` must stay on the CPU;
+the builders move per-sample scalars to the GPU themselves when ``device="gpu"``.
+
+Images are ``HWC`` RGB. :func:`stain_augment` takes uint8 and returns float levels in ``[0, 255]``;
+:func:`photometric_augment` takes uint8 or float levels and returns float levels in ``[0, 255]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
+import nvidia.dali.types as types
+from nvidia.dali.data_node import DataNode
+
+from stain.deconvolution import MAX_LEVEL, od_lookup_table
+from stain.photometric import LUMA_WEIGHTS, PhotometricParams
+
+DEVICES = ("cpu", "gpu")
+#: names (and order) of the per-sample inputs of :func:`photometric_augment`
+PHOTOMETRIC_INPUTS = ("brightness", "contrast", "color_matrix", "gray_matrix", "blur_window", "blur_sigma",
+                      "solarize")
+
+
+def _on(node: DataNode, device: str) -> DataNode:
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r}; choose one of {DEVICES}")
+    return node.gpu() if device == "gpu" and node.device != "gpu" else node
+
+
+def _column_major(m: np.ndarray) -> list[np.ndarray]:
+    """Row-vector matrices ``x @ M`` -> ``coord_transform``'s ``out = M' * in``, one C-contiguous array each."""
+    return [np.ascontiguousarray(mi.T, dtype=np.float32) for mi in np.asarray(m)]
+
+
+def stain_dali_args(m: np.ndarray, t: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-sample ``(M, T)`` for :func:`stain_augment` from :func:`~stain.augment.sample_stain_params` output.
+
+    ``M`` is transposed to DALI's column convention; ``ln(255)`` is folded into ``T`` so the output step is a
+    single ``exp`` (``exp(-(OD' - ln 255)) = 255 * exp(-OD')``).
+    """
+    m, t = np.asarray(m), np.asarray(t)
+    if m.ndim != 3 or m.shape[1:] != (3, 3) or t.shape != (m.shape[0], 3):
+        raise ValueError(f"M must be [N, 3, 3] and T [N, 3], got {m.shape} and {t.shape}")
+    shift = math.log(MAX_LEVEL)
+    return _column_major(m), [np.ascontiguousarray(ti - shift, dtype=np.float32) for ti in t]
+
+
+def stain_augment(images: DataNode, m: DataNode, t: DataNode, device: str = "cpu") -> DataNode:
+    """``255 * exp(-(OD @ M + T))`` per sample, clipped to 255: uint8 ``HWC`` in, float levels out.
+
+    ``m`` and ``t`` are CPU nodes fed with :func:`stain_dali_args` output. The log is a 256-entry table lookup.
+    """
+    images = _on(images, device)
+    od = fn.lookup_table(images, keys=list(range(int(MAX_LEVEL) + 1)),
+                         values=od_lookup_table().astype(np.float32).tolist(), dtype=types.FLOAT)
+    shifted = fn.coord_transform(od, M=m, T=t)
+    return dmath.min(dmath.exp(-shifted), MAX_LEVEL)
+
+
+def photometric_dali_args(params: PhotometricParams) -> dict[str, list[np.ndarray]]:
+    """Per-sample arrays for the :data:`PHOTOMETRIC_INPUTS` nodes of :func:`photometric_augment`."""
+    return {
+        "brightness": [np.float32(v) for v in params.brightness],
+        "contrast": [np.float32(v) for v in params.contrast],
+        "color_matrix": _column_major(params.color_matrix),
+        "gray_matrix": _column_major(params.gray_matrix),
+        "blur_window": [np.int32(v) for v in params.blur_window],
+        "blur_sigma": [np.float32(v) for v in params.blur_sigma],
+        "solarize": [np.float32(v) for v in params.solarize],
+    }
+
+
+def _clip(x: DataNode) -> DataNode:
+    return dmath.clamp(x, 0.0, MAX_LEVEL)
+
+
+def color_jitter(images: DataNode, brightness: DataNode, contrast: DataNode, color_matrix: DataNode,
+                 device: str = "cpu") -> DataNode:
+    """Brightness, contrast (about the mean grey level), then saturation+hue as one matrix; clipped after each."""
+    # uint8 * float32 promotes to float32: no cast needed
+    x = _clip(_on(images, device) * _on(brightness, device))
+    grey = fn.coord_transform(x, M=LUMA_WEIGHTS.astype(np.float32).tolist())
+    mean = fn.reductions.mean(grey)
+    c = _on(contrast, device)
+    x = _clip(c * x + (1.0 - c) * mean)
+    return _clip(fn.coord_transform(x, M=color_matrix))
+
+
+def grayscale(images: DataNode, gray_matrix: DataNode, device: str = "cpu") -> DataNode:
+    """``x @ G`` per sample (identity or grayscale)."""
+    return fn.coord_transform(_on(images, device), M=gray_matrix)
+
+
+def gaussian_blur(images: DataNode, window: DataNode, sigma: DataNode, device: str = "cpu") -> DataNode:
+    """Gaussian blur with per-sample window (1 = unchanged) and sigma."""
+    return fn.gaussian_blur(_on(images, device), window_size=window, sigma=sigma)
+
+
+def solarize(images: DataNode, flags: DataNode, threshold: float, device: str = "cpu") -> DataNode:
+    """``255 - x`` where ``x >= threshold``, for samples whose flag is 1."""
+    x = _on(images, device)
+    on = _on(flags, device) * (x >= threshold)
+    return x + on * (MAX_LEVEL - 2.0 * x)
+
+
+def photometric_augment(images: DataNode, inputs: dict[str, DataNode], solarize_threshold: float,
+                        device: str = "cpu") -> DataNode:
+    """The whole generic chain of :func:`stain.photometric.apply_photometric`; ``inputs`` keyed by
+    :data:`PHOTOMETRIC_INPUTS` (fed with :func:`photometric_dali_args`)."""
+    missing = [k for k in PHOTOMETRIC_INPUTS if k not in inputs]
+    if missing:
+        raise KeyError(f"photometric_augment: missing inputs {missing}")
+    x = color_jitter(images, inputs["brightness"], inputs["contrast"], inputs["color_matrix"], device)
+    x = grayscale(x, inputs["gray_matrix"], device)
+    x = gaussian_blur(x, inputs["blur_window"], inputs["blur_sigma"], device)
+    return solarize(x, inputs["solarize"], solarize_threshold, device)
