@@ -20,7 +20,7 @@ plain timm model computes exactly what our backbone computes for that label (``u
   token** (``reg_tokens`` is one more than in training; the sequence is then identical:
   CLS, stain, registers, patches, with no position embedding on prefix tokens);
 - mode ``add``: the stain vector is added to ``cls_token``;
-- mode ``off``: nothing is folded; the weights are the backbone's.
+- mode ``none``: nothing is folded; the weights are the backbone's.
 
 :func:`set_stain` refolds another label into a loaded model. Load offline with strict key matching::
 
@@ -87,7 +87,7 @@ def timm_state_dict(backbone: StainViT, stain_id: int = 0, marker_id: int = 0) -
     """The backbone's weights under timm's keys with the label ``(stain_id, marker_id)`` folded in."""
     state = {k: v.detach() for k, v in backbone.state_dict().items()
              if k != "mask_token" and not k.startswith("stain_token.")}
-    if backbone.stain_mode != "off":
+    if backbone.stain_mode != "none":
         with torch.no_grad():
             vec = stain_vector(backbone, stain_id, marker_id).view(1, 1, -1).to(state["cls_token"].dtype)
         if backbone.stain_mode == "token":
@@ -163,7 +163,7 @@ def export_backbone(backbone: StainViT, model_cfg: Mapping[str, Any], vocab: Sta
                 "folded_marker_id": marker_id,
                 "folded_label": vocab.describe(StainLabel(stain_id, marker_id)),
                 "training_reg_tokens": int(model_cfg["reg_tokens"]),
-                "tables": STAIN_TOKENS_FILE if backbone.stain_mode != "off" else None,
+                "tables": STAIN_TOKENS_FILE if backbone.stain_mode != "none" else None,
                 "vocabulary": VOCABULARY_FILE,
             },
         },
@@ -202,7 +202,7 @@ def timm_load_args(out_dir: str | Path) -> tuple[str, dict[str, Any]]:
 
 def load_exported(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The timm model (eval mode) and its stain info: the config's ``stain_token`` section, the
-    vocabulary (``vocabulary``) and the tables (``tables``: name -> tensor; empty with mode off)."""
+    vocabulary (``vocabulary``) and the tables (``tables``: name -> tensor; empty with mode none)."""
     out = Path(out_dir)
     arch, kwargs = timm_load_args(out)
     model = timm.create_model(arch, pretrained=True, **kwargs).eval()
@@ -220,8 +220,8 @@ def set_stain(model: nn.Module, info: Mapping[str, Any], stain_id: int, marker_i
     unfolded CLS plus the new vector. Ids index ``info["vocabulary"]``.
     """
     mode, tables = info["mode"], info["tables"]
-    if mode == "off":
-        raise ValueError("this export has stain mode 'off': there is no stain token to set")
+    if mode == "none":
+        raise ValueError("this export has stain mode 'none': there is no stain token to set")
     n_stains = tables["stain_table"].shape[0]
     n_markers = tables["marker_table"].shape[0] if "marker_table" in tables else 1
     if not (0 <= stain_id < n_stains and 0 <= marker_id < n_markers):

@@ -10,7 +10,7 @@ Stain modes (``model.stain_token.mode``):
 - ``token``: the stain vector is one more prefix token after CLS, like a register: it attends and is
   attended to, and is excluded from the patch outputs.
 - ``add``: the stain vector is added to the CLS token before the blocks.
-- ``off``: no stain information (ablation).
+- ``none``: no stain information (ablation). (Not "off": YAML reads an unquoted off as false.)
 
 The module is a subclass, so its parameter names are exactly timm's (``blocks.3.attn.qkv.weight``)
 plus ``mask_token`` and ``stain_token.*``; timm's weight init is kept (and must run outside
@@ -84,7 +84,7 @@ class StainViT(VisionTransformer):
                 blk.drop_path2 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.stain_mode = cfgutil.choice(stain_mode, STAIN_MODES, "model.stain_token.mode")
         self.stain_token = None
-        if self.stain_mode != "off":
+        if self.stain_mode != "none":
             self.stain_token = StainEmbedding(num_stains, num_markers, self.embed_dim, use_markers,
                                               stain_dropout, stain_init_std)
         if self.stain_mode == "token":
@@ -98,7 +98,7 @@ class StainViT(VisionTransformer):
         return self.patch_embed.dynamic_feat_size((height, width))
 
     def stain_vectors(self, stain_ids: torch.Tensor, marker_ids: torch.Tensor) -> torch.Tensor | None:
-        """``[B, D]`` stain vectors after stain-token dropout (training only), or ``None`` with mode off."""
+        """``[B, D]`` stain vectors after stain-token dropout (training only), or ``None`` with mode none."""
         if self.stain_token is None:
             return None
         self.stain_token.check_ids(stain_ids, marker_ids)

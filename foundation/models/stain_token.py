@@ -12,7 +12,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-STAIN_MODES = ("token", "add", "off")
+STAIN_MODES = ("token", "add", "none")
 
 
 class StainEmbedding(nn.Module):
