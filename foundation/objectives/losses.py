@@ -6,6 +6,8 @@ All maths runs in float32 whatever the autocast or parameter dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,29 +53,30 @@ def masked_patch_cross_entropy(student_logits: torch.Tensor, teacher_probs: torc
     return (ce * weights).sum() / max(masks.shape[0], 1)
 
 
+def _global_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``logsumexp`` over ``dim`` of the tensor concatenated over ranks along ``dim`` (keepdim)."""
+    peak = D.all_reduce_max(x.amax(dim=dim, keepdim=True) if x.shape[dim] else
+                            x.new_full((*x.shape[:dim], 1, *x.shape[dim + 1:]), -torch.inf))
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    return peak + torch.log(D.all_reduce_sum(torch.exp(x - peak).sum(dim=dim, keepdim=True)))
+
+
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, iterations: int) -> torch.Tensor:
     """Teacher targets by Sinkhorn-Knopp (SwAV, DINOv2), correct across ranks.
 
-    ``Q = exp(logits / tau_t)`` (as ``[K, n]``) is alternately scaled so that every prototype gets
-    ``1/K`` of the mass (row sums all-reduced over ranks) and every sample ``1/n_total`` (n_total =
-    samples on all ranks). Returns ``[n, K]``; each row is a distribution (sums to 1).
+    ``Q = exp(logits / tau_t)`` is alternately scaled so that every prototype gets ``1/K`` of the
+    mass (sums over samples all-reduced over ranks) and every sample ``1/n_total`` (n_total = samples
+    on all ranks). Returns ``[n, K]``; each row is a distribution (sums to 1). Runs in the log domain,
+    so no logit scale overflows or underflows (DINOv2's ``exp`` does for ``|logits| / tau_t`` > ~88).
     """
-    x = teacher_logits.float() / teacher_temp
-    # subtracting the global max changes nothing after the first normalisation but avoids overflow
-    peak = x.amax() if x.numel() else x.new_tensor(float("-inf"))
-    peak = D.all_reduce_max(peak.reshape(1).clone())
-    q = torch.exp(x - peak).t()                                        # [K, n]
-    n_total = D.all_reduce_sum(torch.tensor([float(q.shape[1])], device=q.device))
-    q /= D.all_reduce_sum(q.sum().reshape(1))
-    n_prototypes = q.shape[0]
+    log_q = teacher_logits.float() / teacher_temp                            # [n, K]
+    n_total = D.all_reduce_sum(torch.tensor([float(log_q.shape[0])], device=log_q.device))
+    log_n, log_k = torch.log(n_total.clamp(min=1.0)), math.log(log_q.shape[1])
     for _ in range(iterations):
-        q /= D.all_reduce_sum(q.sum(dim=1, keepdim=True))              # each prototype: total mass 1 ...
-        q /= n_prototypes                                              # ... then 1/K
-        q /= q.sum(dim=0, keepdim=True)                                # each sample: mass 1 ...
-        q /= n_total                                                   # ... then 1/n_total
-    q *= n_total
-    return q.t()
+        log_q = log_q - _global_logsumexp(log_q, dim=0) - log_k              # each prototype: mass 1/K
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - log_n  # each sample: mass 1/n_total
+    return torch.exp(log_q + log_n)
 
 
 class CenterEMA(nn.Module):
