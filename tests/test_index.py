@@ -105,7 +105,7 @@ def test_index_columns_records_and_pixel_sizes(first_run: Path, corpus: dict[str
     for i, record in enumerate(index.slides):
         rows = np.flatnonzero(slide == i)
         assert rows.tolist() == list(range(record.tiles_start, record.tiles_start + record.tiles_count))
-        assert index.slide_of(int(rows[0])) is record
+        assert index.slide_of(int(rows[0])) == record
     dicom_id = index.slides.index(dicom)
     assert set(mpp[slide == dicom_id].tolist()) == {32.0}  # never upsampled to 0.5 µm/px
     assert (mpp[slide == index.slides.index(svs)] == np.float32(0.5)).sum() > 20

@@ -5,8 +5,10 @@ On disk (``DIR``)::
     tiles/<column>.npy   one array per column, memory-mappable: slide int32, level int16, x int64,
                          y int64 (level-0 top-left), size int32 (square side read at ``level``),
                          mpp float32 (target µm/px), tissue float32 (tissue share)
-    slides.json          slide records (``tiles.slide`` indexes this list); a slide's tiles are the
-                         contiguous rows ``[tiles_start, tiles_start + tiles_count)``
+    slides/              the slide records as columns (what ``TileIndex.load`` reads, see slide_table.py);
+                         ``tiles.slide`` indexes them; a slide's tiles are the contiguous rows
+                         ``[tiles_start, tiles_start + tiles_count)``
+    slides.json          the same records as JSON, for people and other tools
     summary.json         counts and throughput of the run
     errors.csv           slide, reason: every manifest row that could not be indexed
     config.yaml          the resolved config of the run
@@ -28,7 +30,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from tqdm import tqdm
 
 from foundation.slides.manifest import ManifestRow
 from foundation.slides.parallel import WorkerCrash, imap_unordered
+from foundation.slides.slide_table import SlideRecord, SlideTable, write_slide_table
 from foundation.slides.slide_tiles import (
     TILE_DTYPES,
     IndexParams,
@@ -58,45 +61,24 @@ INDEX_FORMAT = 1  # bump when the meaning of cached per-slide results changes
 COLUMN_DTYPES: dict[str, Any] = {"slide": np.int32, **TILE_DTYPES}
 
 
-@dataclass(frozen=True)
-class SlideRecord:
-    """One indexed slide; ``TileIndex.tiles['slide']`` holds positions in ``TileIndex.slides``."""
-
-    slide_id: str
-    path: str
-    stain_id: int
-    marker_id: int
-    stain: str
-    marker: str
-    group: str
-    mpp: float  # level-0 µm/px
-    mpp_source: str
-    backend: str
-    level_dimensions: list[list[int]]
-    level_downsamples: list[float]
-    fingerprint: str
-    tiles_start: int
-    tiles_count: int
+__all__ = ["COLUMN_DTYPES", "SlideRecord", "TileIndex", "build_index"]
 
 
 class TileIndex:
-    """A loaded index: slide records and memory-mapped tile columns (no per-tile Python objects)."""
+    """A loaded index: slide records and memory-mapped tile columns (no per-slide or per-tile Python objects)."""
 
-    def __init__(self, directory: Path, slides: list[SlideRecord], tiles: dict[str, np.ndarray]) -> None:
+    def __init__(self, directory: Path, slides: SlideTable, tiles: dict[str, np.ndarray]) -> None:
         self.directory = directory
         self.slides = slides
         self.tiles = tiles
 
     @classmethod
     def load(cls, directory: str | os.PathLike, mmap: bool = True) -> TileIndex:
+        """Open an index folder: slide table and tile columns memory-mapped (``mmap=False`` reads them in)."""
         directory = Path(directory)
-        slides_path = directory / "slides.json"
-        if not slides_path.is_file():
-            raise FileNotFoundError(f"{slides_path}: not a tile index (run `foundation index` first)")
-        with open(slides_path) as fh:
-            raw = json.load(fh)
-        names = [f.name for f in fields(SlideRecord)]
-        slides = [SlideRecord(*(entry[n] for n in names)) for entry in raw["slides"]]
+        if not (directory / "slides").is_dir():
+            raise FileNotFoundError(f"{directory}: not a tile index (no slides/; run `foundation index` first)")
+        slides = SlideTable.load(directory / "slides")
         tiles = {}
         for name, dtype in COLUMN_DTYPES.items():
             column = np.load(directory / "tiles" / f"{name}.npy", mmap_mode="r" if mmap else None)
@@ -127,9 +109,9 @@ def _qc_name(slide_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", slide_id).strip("._") or "slide"
 
 
-def _write_json(path: Path, data: Any) -> None:
+def _write_json(path: Path, data: Any, indent: int | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(json.dumps(data, indent=indent))
     tmp.replace(path)
 
 
@@ -211,6 +193,7 @@ def build_index(rows: list[ManifestRow], out: str | os.PathLike, tissue: TissueP
                            level_dimensions=meta["level_dimensions"], level_downsamples=meta["level_downsamples"],
                            fingerprint=fp, tiles_start=begin, tiles_count=meta["tiles"])
                for (row, fp, meta), begin in zip(ok, starts, strict=True)]
+    write_slide_table(out / "slides", records)
     _write_json(out / "slides.json", {"format": INDEX_FORMAT, "slides": [asdict(r) for r in records]})
     with open(out / "errors.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -223,7 +206,7 @@ def build_index(rows: list[ManifestRow], out: str | os.PathLike, tissue: TissueP
 
     summary = _summary(manifest, rows, ok, failed, cached, len(jobs), tiles_read, time.perf_counter() - start,
                        read_seconds, params)
-    _write_json(out / "summary.json", summary)
+    _write_json(out / "summary.json", summary, indent=1)
     return summary
 
 
