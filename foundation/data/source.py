@@ -124,6 +124,7 @@ class BatchSource:
         self.max_retries = int(max_retries)
         self.handles = SlideHandles(slides, reader)
         self._types = crop_types(crops.global_count, crops.local_count)
+        self._warned: set[int] = set()
 
     # -------------------------------------------------------------------------------------------- one sample
 
@@ -155,7 +156,10 @@ class BatchSource:
                 pixels, pieces = self._read(slide, region)
             except ReadError as err:
                 last_error = err
-                log.warning("sample %d, attempt %d: %s; replacing it", position, attempt, err)
+                # one warning per slide; every failure is still counted (``retries``) and reported by the loader
+                level = logging.DEBUG if slide in self._warned else logging.WARNING
+                self._warned.add(slide)
+                log.log(level, "sample %d, attempt %d: %s; replacing it", position, attempt, err)
                 continue
             crops = draw_crops(rng, region.side, region.side, self.crops)
             kind = self.kinds[slide]
