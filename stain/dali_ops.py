@@ -25,8 +25,7 @@ from stain.photometric import LUMA_WEIGHTS, PhotometricParams
 
 DEVICES = ("cpu", "gpu")
 #: names (and order) of the per-sample inputs of :func:`photometric_augment`
-PHOTOMETRIC_INPUTS = ("brightness", "contrast", "color_matrix", "gray_matrix", "blur_window", "blur_sigma",
-                      "solarize")
+PHOTOMETRIC_INPUTS = ("color_matrix", "mean_weight", "blur_window", "blur_sigma", "solarize")
 
 
 def _on(node: DataNode, device: str) -> DataNode:
@@ -68,10 +67,8 @@ def stain_augment(images: DataNode, m: DataNode, t: DataNode, device: str = "cpu
 def photometric_dali_args(params: PhotometricParams) -> dict[str, list[np.ndarray]]:
     """Per-sample arrays for the :data:`PHOTOMETRIC_INPUTS` nodes of :func:`photometric_augment`."""
     return {
-        "brightness": [np.float32(v) for v in params.brightness],
-        "contrast": [np.float32(v) for v in params.contrast],
         "color_matrix": _column_major(params.color_matrix),
-        "gray_matrix": _column_major(params.gray_matrix),
+        "mean_weight": [np.float32(v) for v in params.mean_weight],
         "blur_window": [np.int32(v) for v in params.blur_window],
         "blur_sigma": [np.float32(v) for v in params.blur_sigma],
         "solarize": [np.float32(v) for v in params.solarize],
@@ -82,21 +79,12 @@ def _clip(x: DataNode) -> DataNode:
     return dmath.clamp(x, 0.0, MAX_LEVEL)
 
 
-def color_jitter(images: DataNode, brightness: DataNode, contrast: DataNode, color_matrix: DataNode,
-                 device: str = "cpu") -> DataNode:
-    """Brightness, contrast (about the mean grey level), then saturation+hue as one matrix; clipped after each."""
-    # uint8 * float32 promotes to float32: no cast needed
-    x = _clip(_on(images, device) * _on(brightness, device))
+def color_affine(images: DataNode, color_matrix: DataNode, mean_weight: DataNode, device: str = "cpu") -> DataNode:
+    """Colour jitter and grayscale as one map per sample: ``clip(x @ A + k * mean grey level of x)``."""
+    x = _on(images, device)
     grey = fn.coord_transform(x, M=LUMA_WEIGHTS.astype(np.float32).tolist())
-    mean = fn.reductions.mean(grey)
-    c = _on(contrast, device)
-    x = _clip(c * x + (1.0 - c) * mean)
-    return _clip(fn.coord_transform(x, M=color_matrix))
-
-
-def grayscale(images: DataNode, gray_matrix: DataNode, device: str = "cpu") -> DataNode:
-    """``x @ G`` per sample (identity or grayscale)."""
-    return fn.coord_transform(_on(images, device), M=gray_matrix)
+    offset = _on(mean_weight, device) * fn.reductions.mean(grey)
+    return _clip(fn.coord_transform(x, M=color_matrix) + offset)
 
 
 def gaussian_blur(images: DataNode, window: DataNode, sigma: DataNode, device: str = "cpu") -> DataNode:
@@ -118,7 +106,6 @@ def photometric_augment(images: DataNode, inputs: dict[str, DataNode], solarize_
     missing = [k for k in PHOTOMETRIC_INPUTS if k not in inputs]
     if missing:
         raise KeyError(f"photometric_augment: missing inputs {missing}")
-    x = color_jitter(images, inputs["brightness"], inputs["contrast"], inputs["color_matrix"], device)
-    x = grayscale(x, inputs["gray_matrix"], device)
+    x = color_affine(images, inputs["color_matrix"], inputs["mean_weight"], device)
     x = gaussian_blur(x, inputs["blur_window"], inputs["blur_sigma"], device)
     return solarize(x, inputs["solarize"], solarize_threshold, device)

@@ -1,21 +1,21 @@
 """Generic photometric augmentation (DINOv2 recipe): parameter sampling and the torch reference.
 
-Per crop, in this fixed order, on float RGB levels in ``[0, 255]`` (``HWC``), clipping to ``[0, 255]`` after each
-colour step:
+Per crop, on float RGB levels in ``[0, 255]`` (``HWC``), in DINOv2's order:
 
-1. brightness ``x * b``;
-2. contrast ``c * x + (1 - c) * mean(grey(x))`` (torchvision's definition: blend with the mean grey level);
-3. colour matrix ``x @ (S(s) @ R(h))``: saturation ``S`` blends with the grey image (torchvision), hue ``R`` rotates
-   colours about the grey axis by ``h`` turns (a linear stand-in for the HSV hue shift that maps red to green at
-   ``h = 1/3`` exactly, as HSV does);
-4. grayscale ``x @ G`` (every channel the grey level) or identity;
-5. Gaussian blur (``blur_window`` x ``blur_window`` separable kernel, mirrored borders; window 1 = no blur);
-6. solarize ``255 - x`` where ``x >= threshold``.
+1. colour jitter, with probability ``color_jitter_p`` (all four factors at once, like torchvision's
+   ``RandomApply(ColorJitter)``), in the fixed order brightness ``b * x``, contrast ``c * x + (1 - c) * mean grey``,
+   saturation ``s * x + (1 - s) * grey`` (torchvision's definitions), hue: a rotation about the grey axis by ``h``
+   turns (linear; equal to the HSV hue shift at every third of a turn);
+2. grayscale (every channel the grey level), with probability ``grayscale_p``;
+3. Gaussian blur (``blur_window`` separable taps, mirrored borders; window 1 = no blur);
+4. solarize ``255 - x`` where ``x >= threshold``.
 
-Colour jitter applies with probability ``color_jitter_p`` (all four factors at once, like torchvision's
-``RandomApply(ColorJitter)``). torchvision draws a random order of the four jitter steps per call; we fix it, so one
-static DALI graph can run it. Parameters are drawn on the host from the pipeline's own ``numpy.random.Generator``;
-the same arrays drive :func:`apply_photometric` and :func:`stain.dali_ops.photometric_augment`.
+Steps 1-2 are linear in ``x`` and its mean grey level ``m``, so they compose into one affine map per crop,
+``clip(x @ A + k * m)``: DALI then pays one 3x3 colour transform instead of five passes. Unlike torchvision's PIL
+path we clip once at the end, not after each step, and the jitter order is fixed (torchvision draws one per call)
+so one static DALI graph runs it. Parameters are drawn on the host from the pipeline's own
+``numpy.random.Generator``; the same arrays drive :func:`apply_photometric` and
+:func:`stain.dali_ops.photometric_augment`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from stain.deconvolution import MAX_LEVEL
 
-#: ITU-R 601 luma, torchvision's ``rgb_to_grayscale`` weights
+#: ITU-R 601 luma, PIL's ``convert("L")`` weights (DINOv2 jitters PIL images; torchvision tensors use 0.2989 for red)
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
 CROP_TYPES = ("global1", "global2", "local")
 # uniforms drawn per crop: jitter?, brightness, contrast, saturation, hue, gray?, blur?, blur sigma, solarize?
@@ -40,12 +40,13 @@ _DRAWS_PER_CROP = 9
 
 @dataclass(frozen=True)
 class PhotometricParams:
-    """Per-crop parameters; identity values mean "not applied"."""
+    """Per-crop parameters (identity values mean "not applied") and the derived affine colour map."""
 
     brightness: np.ndarray    # [N] float32, 1 = unchanged
     contrast: np.ndarray      # [N] float32, 1 = unchanged
-    color_matrix: np.ndarray  # [N,3,3] float32, saturation then hue (row vectors: x @ M)
-    gray_matrix: np.ndarray   # [N,3,3] float32, identity or grayscale
+    saturation: np.ndarray    # [N] float32, 1 = unchanged
+    hue: np.ndarray           # [N] float32, turns, 0 = unchanged
+    grayscale: np.ndarray     # [N] bool
     blur_window: np.ndarray   # [N] int32, 1 = no blur
     blur_sigma: np.ndarray    # [N] float32
     solarize: np.ndarray      # [N] float32, 1 = solarize, 0 = not
@@ -53,6 +54,22 @@ class PhotometricParams:
 
     def __len__(self) -> int:
         return len(self.brightness)
+
+    @property
+    def color_matrix(self) -> np.ndarray:
+        """``A`` [N,3,3] float32 (row vectors): ``b * c * S(s) @ R(h) @ G``."""
+        gray = np.where(self.grayscale[:, None, None], grayscale_matrix(len(self)), np.eye(3))
+        scale = (self.brightness.astype(np.float64) * self.contrast)[:, None, None]
+        m = scale * saturation_matrix(self.saturation) @ hue_matrix(self.hue) @ gray
+        return np.ascontiguousarray(m, dtype=np.float32)
+
+    @property
+    def mean_weight(self) -> np.ndarray:
+        """``k`` [N] float32: ``(1 - c) * b``, the weight of the input's mean grey level in every channel.
+
+        (The grey axis ``(1,1,1)`` passes through ``S``, ``R`` and ``G`` unchanged, so the contrast offset stays
+        grey.)"""
+        return ((1.0 - self.contrast.astype(np.float64)) * self.brightness).astype(np.float32)
 
 
 def saturation_matrix(s: np.ndarray) -> np.ndarray:
@@ -114,17 +131,13 @@ def sample_photometric_params(crop: str, n: int, rng: np.random.Generator,
     def factor(col: int, key: str) -> np.ndarray:
         return np.where(jitter, 1.0 + strengths[key] * (2.0 * u[:, col] - 1.0), 1.0)
 
-    hue = np.where(jitter, strengths["hue"] * (2.0 * u[:, 4] - 1.0), 0.0)
-    gray = u[:, 5] < gray_p
-    blur = u[:, 6] < blur_p
-    gray_m = np.where(gray[:, None, None], grayscale_matrix(n), np.eye(3))
     return PhotometricParams(
         brightness=factor(1, "brightness").astype(np.float32),
         contrast=factor(2, "contrast").astype(np.float32),
-        color_matrix=np.ascontiguousarray(saturation_matrix(factor(3, "saturation")) @ hue_matrix(hue),
-                                          dtype=np.float32),
-        gray_matrix=np.ascontiguousarray(gray_m, dtype=np.float32),
-        blur_window=np.where(blur, window, 1).astype(np.int32),
+        saturation=factor(3, "saturation").astype(np.float32),
+        hue=np.where(jitter, strengths["hue"] * (2.0 * u[:, 4] - 1.0), 0.0).astype(np.float32),
+        grayscale=u[:, 5] < gray_p,
+        blur_window=np.where(u[:, 6] < blur_p, window, 1).astype(np.int32),
         blur_sigma=(sigma_lo + (sigma_hi - sigma_lo) * u[:, 7]).astype(np.float32),
         solarize=(u[:, 8] < solarize_p).astype(np.float32),
         solarize_threshold=float(cfg["solarize_threshold"]),
@@ -188,16 +201,25 @@ def solarize(x: torch.Tensor, flags: np.ndarray, threshold: float) -> torch.Tens
     return torch.where(on & (x >= threshold), MAX_LEVEL - x, x)
 
 
+def mean_grey(x: torch.Tensor) -> torch.Tensor:
+    """Mean grey level per sample, ``[N]``."""
+    return (x @ torch.as_tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device)).mean(dim=(1, 2))
+
+
+def apply_color_affine(x: torch.Tensor, params: PhotometricParams) -> torch.Tensor:
+    """Colour jitter and grayscale as one map: ``clip(x @ A + k * mean_grey(x))``."""
+    m = torch.as_tensor(params.color_matrix, dtype=x.dtype, device=x.device)
+    offset = _per_sample(params.mean_weight, x) * mean_grey(x).reshape(-1, 1, 1, 1)
+    return _clip(torch.einsum("nhwc,ncd->nhwd", x, m) + offset)
+
+
 def apply_photometric(images: torch.Tensor, params: PhotometricParams) -> torch.Tensor:
-    """Torch reference of the whole chain on ``[N,H,W,3]`` float levels in ``[0, 255]``."""
+    """Torch reference of the whole chain on ``[N,H,W,3]`` levels in ``[0, 255]`` (uint8 or float)."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [N, H, W, 3], got {tuple(images.shape)}")
     if images.shape[0] != len(params):
         raise ValueError(f"{images.shape[0]} images but parameters for {len(params)}")
     x = images if images.is_floating_point() else images.to(torch.float32)
-    x = adjust_brightness(x, params.brightness)
-    x = adjust_contrast(x, params.contrast)
-    x = apply_color_matrix(x, params.color_matrix)
-    x = torch.einsum("nhwc,ncd->nhwd", x, torch.as_tensor(params.gray_matrix, dtype=x.dtype, device=x.device))
+    x = apply_color_affine(x, params)
     x = gaussian_blur(x, params.blur_window, params.blur_sigma)
     return solarize(x, params.solarize, params.solarize_threshold)
