@@ -58,6 +58,8 @@ from foundation.slides.tissue import TissueParams
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1  # bump when the meaning of cached per-slide results changes
+# Imported once by the worker fork server (see parallel.py) instead of once per worker.
+WORKER_PRELOAD = ("foundation.slides.slide_tiles", "foundation.slides.backends", "cucim", "openslide")
 COLUMN_DTYPES: dict[str, Any] = {"slide": np.int32, **TILE_DTYPES}
 
 
@@ -175,7 +177,7 @@ def build_index(rows: list[ManifestRow], out: str | os.PathLike, tissue: TissueP
     read_seconds = 0.0
     tiles_read = 0
     results = imap_unordered(index_slide, jobs, params.workers, initializer=init_worker,
-                             initargs=(reader, tissue, params))
+                             initargs=(reader, tissue, params), preload=WORKER_PRELOAD)
     for job, result in tqdm(results, total=len(jobs), desc="index", unit="slide", disable=not progress or None):
         if isinstance(result, WorkerCrash):
             result = SlideOutcome(job.line, False, result.reason)
