@@ -152,6 +152,14 @@ def _per_sample(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(values, dtype=like.dtype, device=like.device).reshape(-1, 1, 1, 1)
 
 
+def mean_grey(x: torch.Tensor) -> torch.Tensor:
+    """Mean grey level per sample, ``[N]``."""
+    return (x @ torch.as_tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device)).mean(dim=(1, 2))
+
+
+# The single steps, clipped like torchvision's (the chain itself uses the fused map of apply_color_affine).
+
+
 def adjust_brightness(x: torch.Tensor, b: np.ndarray) -> torch.Tensor:
     """``clip(b * x)`` per sample of ``[N,H,W,3]`` float levels."""
     return _clip(x * _per_sample(b, x))
@@ -159,10 +167,8 @@ def adjust_brightness(x: torch.Tensor, b: np.ndarray) -> torch.Tensor:
 
 def adjust_contrast(x: torch.Tensor, c: np.ndarray) -> torch.Tensor:
     """``clip(c * x + (1 - c) * mean grey level)`` per sample."""
-    luma = torch.as_tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device)
-    mean = (x @ luma).mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
     c = _per_sample(c, x)
-    return _clip(c * x + (1.0 - c) * mean)
+    return _clip(c * x + (1.0 - c) * mean_grey(x).reshape(-1, 1, 1, 1))
 
 
 def apply_color_matrix(x: torch.Tensor, m: np.ndarray) -> torch.Tensor:
@@ -199,11 +205,6 @@ def solarize(x: torch.Tensor, flags: np.ndarray, threshold: float) -> torch.Tens
     """``255 - x`` where ``x >= threshold``, for the samples whose flag is 1."""
     on = _per_sample(flags, x) > 0
     return torch.where(on & (x >= threshold), MAX_LEVEL - x, x)
-
-
-def mean_grey(x: torch.Tensor) -> torch.Tensor:
-    """Mean grey level per sample, ``[N]``."""
-    return (x @ torch.as_tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device)).mean(dim=(1, 2))
 
 
 def apply_color_affine(x: torch.Tensor, params: PhotometricParams) -> torch.Tensor:
