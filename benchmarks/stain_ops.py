@@ -2,15 +2,18 @@
 
     .venv/bin/python benchmarks/stain_ops.py [--batch 64] [--iters 20] [--repeats 3] [--threads 2]
 
-Crops are the real 224 px tiles in ../shared/data/tiles/stain_he_vs_ihc (decoded once, fed by external_source),
-so the numbers exclude decoding and cropping. Each variant is timed ``--repeats`` times, interleaved; the median is
-printed with scikit-image's per-crop rgb2hed -> jitter -> hed2rgb (what a user's DataLoader would run) for scale.
+Wall and CPU (user + system, all threads) milliseconds per crop; on a shared machine the CPU figure is the
+stable one. Crops are the real 224 px tiles in ../shared/data/tiles/stain_he_vs_ihc (decoded once, fed by
+external_source), so the numbers exclude decoding and cropping. Each variant is timed ``--repeats`` times,
+interleaved; medians are printed with scikit-image's per-crop rgb2hed -> jitter -> hed2rgb (what a user's
+DataLoader would run) for scale.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -61,12 +64,20 @@ def build(variant: str, crops: list[np.ndarray], inputs: dict[str, list[np.ndarr
     return p
 
 
-def ms_per_crop(p, iters: int, batch: int) -> float:
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (robust to other jobs on a shared machine)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def ms_per_crop(p, iters: int, batch: int) -> tuple[float, float]:
+    """``(wall, cpu)`` milliseconds per crop."""
     p.run()  # warm-up
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(iters):
         p.run()
-    return (time.perf_counter() - start) / (iters * batch) * 1e3
+    scale = 1e3 / (iters * batch)
+    return (time.perf_counter() - wall) * scale, (cpu_seconds() - cpu) * scale
 
 
 def main() -> None:
@@ -89,19 +100,23 @@ def main() -> None:
 
     variants = ("copy", "stain", "stain+photometric")
     pipes = {v: build(v, crops, inputs, args.threads) for v in variants}
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     for _ in range(args.repeats):
         for v in variants:
             times[v].append(ms_per_crop(pipes[v], args.iters, len(crops)))
-    result = {v: round(statistics.median(ts), 3) for v, ts in times.items()}
-    result["stain_op"] = round(result["stain"] - result["copy"], 3)
-    result["photometric_chain"] = round(result["stain+photometric"] - result["stain"], 3)
+    result = {}
+    for kind, col in (("wall", 0), ("cpu", 1)):
+        ms = {v: statistics.median(t[col] for t in ts) for v, ts in times.items()}
+        result[kind] = {**{v: round(x, 3) for v, x in ms.items()},
+                        "stain_op": round(ms["stain"] - ms["copy"], 3),
+                        "photometric_chain": round(ms["stain+photometric"] - ms["stain"], 3)}
 
     alpha, beta = np.full(3, 1.05), np.full(3, 0.01)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), cpu_seconds()
     for crop in crops:
         hed2rgb(rgb2hed(crop) * alpha + beta)
-    result["skimage_hed_jitter"] = round((time.perf_counter() - start) / len(crops) * 1e3, 3)
+    result["wall"]["skimage_hed_jitter"] = round((time.perf_counter() - wall) / len(crops) * 1e3, 3)
+    result["cpu"]["skimage_hed_jitter"] = round((cpu_seconds() - cpu) / len(crops) * 1e3, 3)
     print(json.dumps({"ms_per_224px_crop": result, "batch": len(crops), "threads": args.threads}, indent=1))
 
 
