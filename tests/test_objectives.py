@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
-from foundation.config import ConfigError
+from foundation.config import ConfigError, config_dir
 from foundation.objectives import OBJECTIVES, build_objective
 from foundation.objectives.base import Objective
 from tests.objective_support import IMG, N_PATCHES, PATCH, one_thread, tiny_batch, tiny_cfg  # noqa: F401
@@ -166,3 +167,21 @@ def test_pictures_use_the_teacher():
         teacher["backbone"].blocks[-1].attn.qkv.weight.mul_(3.0)
     batch = tiny_batch()
     assert not torch.equal(obj.pictures(batch, teacher)["attention"], obj.pictures(batch, None)["attention"])
+
+
+def _keys(node, prefix=""):
+    return {f"{prefix}{k}" for k in node} | {key for k, v in node.items() if isinstance(v, dict)
+                                             for key in _keys(v, f"{prefix}{k}.")}
+
+
+@pytest.mark.parametrize("group", ["model", "objective"])
+def test_group_files_share_keys(group):
+    """The config validator checks overrides against the selected file, so every file of a group has every key."""
+    files = sorted((config_dir() / group).glob("*.yaml"))
+    assert len(files) == 6
+    keys = {f.stem: _keys(yaml.safe_load(f.read_text())) for f in files}
+    first = next(iter(keys.values()))
+    assert all(k == first for k in keys.values()), {name: sorted(k ^ first) for name, k in keys.items()}
+    if group == "objective":
+        assert {f.stem for f in files} == set(OBJECTIVES)
+        assert all(yaml.safe_load(f.read_text())["name"] == f.stem for f in files)
