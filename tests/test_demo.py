@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 
@@ -140,6 +141,25 @@ def test_tifffile_sees_tiled_jpeg_pyramid_with_pixel_size(demo_dir, spec):
                 assert page.jpegtables is None
                 tif.filehandle.seek(page.dataoffsets[0])
                 assert tif.filehandle.read(2) == b"\xff\xd8"
+
+
+def test_raw_tiles_decode_alone_to_the_readers_pixels(demo_dir, spec):
+    """A tile's bytes are a complete JPEG (the GPU-decode path): PIL decodes it to tifffile's and cuCIM's pixels."""
+    path = demo_dir / _slides(spec)[0]
+    cu = CuImage(str(path))
+    with tifffile.TiffFile(path) as tif:
+        for level, page in enumerate(tif.pages):
+            across = -(-page.imagewidth // spec.tile)
+            row, col = page.imagelength // spec.tile // 2, across // 2  # a tile in the middle, on tissue
+            tif.filehandle.seek(page.dataoffsets[row * across + col])
+            raw = tif.filehandle.read(page.databytecounts[row * across + col])
+            decoded = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+            y, x = row * spec.tile, col * spec.tile
+            assert np.array_equal(decoded, page.asarray()[y : y + spec.tile, x : x + spec.tile]), level
+            scale = 2**level
+            region = np.asarray(cu.read_region((x * scale, y * scale), (spec.tile, spec.tile), level=level))
+            assert np.array_equal(decoded, region), level
+            assert decoded.std() > 10  # tissue, not glass
 
 
 def test_cucim_and_openslide_agree_on_levels_pixel_size_and_pixels(demo_dir, spec):
