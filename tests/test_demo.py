@@ -21,8 +21,9 @@ from skimage.transform import downscale_local_mean
 from foundation.cli import main as cli_main
 from foundation.config import ConfigError, load_config
 from foundation.demo import MANIFEST_COLUMNS, DemoSpec, demo_slides, write_demo_dataset
-from foundation.demo.he import HESlide, synthesize_he
-from foundation.demo.ihc import IHCSlide, synthesize_ihc
+from foundation.demo.dataset import write_listing, write_slide
+from foundation.demo.he import HESlide
+from foundation.demo.ihc import IHCSlide
 from foundation.demo.pyramid import downsample2
 from stain.vocabulary import StainVocabulary
 
@@ -43,23 +44,27 @@ def spec(cfg) -> DemoSpec:
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory, cfg) -> Path:
-    """The default demo set, written once for the module."""
+def demo(tmp_path_factory, spec) -> tuple[Path, dict[str, HESlide | IHCSlide]]:
+    """The default demo set, written once for the module, with what the synthesis drew (masks, offsets).
+
+    Built from the same two steps as ``write_demo_dataset`` (whose own output the determinism and
+    command tests check) so that no slide is synthesised twice.
+    """
     out = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(out, cfg.demo)
-    return out
+    slides = demo_slides(spec)
+    truths = {slide.name: write_slide(out, slide, spec) for slide in slides}
+    write_listing(out, spec, slides)
+    return out, truths
 
 
 @pytest.fixture(scope="module")
-def truths(spec) -> dict[str, HESlide | IHCSlide]:
-    """What the synthesis drew for each default slide (masks, offsets), by slide name."""
-    out: dict[str, HESlide | IHCSlide] = {}
-    for slide in demo_slides(spec):
-        if slide.kind == "he":
-            out[slide.name] = synthesize_he(spec.he_size, spec, slide.rng(spec.seed))
-        else:
-            out[slide.name] = synthesize_ihc(spec.ihc_size, spec, slide.rng(spec.seed))
-    return out
+def demo_dir(demo) -> Path:
+    return demo[0]
+
+
+@pytest.fixture(scope="module")
+def truths(demo) -> dict[str, HESlide | IHCSlide]:
+    return demo[1]
 
 
 def _slides(spec: DemoSpec) -> list[str]:
@@ -85,6 +90,14 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert names == ["README.txt", "demo_he_01.svs", "demo_ihc_01.svs", "manifest.csv"]
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    # The module fixture's two steps write the same bytes as write_demo_dataset.
+    small_spec = DemoSpec.from_config(small)
+    (tmp_path / "steps").mkdir()
+    for slide in demo_slides(small_spec):
+        write_slide(tmp_path / "steps", slide, small_spec)
+    write_listing(tmp_path / "steps", small_spec, demo_slides(small_spec))
+    for name in names:
+        assert (tmp_path / "steps" / name).read_bytes() == (a / name).read_bytes(), name
     c = write_demo_dataset(tmp_path / "c", load_config(overrides=[*SMALL, "demo.seed=1"]).demo).parent
     for name in ("demo_he_01.svs", "demo_ihc_01.svs"):
         assert (a / name).read_bytes() != (c / name).read_bytes(), name

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from foundation.demo.he import synthesize_he
-from foundation.demo.ihc import synthesize_ihc
+from foundation.demo.he import HESlide, synthesize_he
+from foundation.demo.ihc import IHCSlide, synthesize_ihc
 from foundation.demo.pyramid import write_pyramid_tiff
 from foundation.demo.spec import DemoSpec
 
@@ -51,12 +51,29 @@ def demo_slides(spec: DemoSpec) -> list[DemoSlide]:
     return he + ihc
 
 
-def render_slide(slide: DemoSlide, spec: DemoSpec) -> np.ndarray:
-    """The level-0 RGB image of ``slide`` (deterministic in ``spec.seed``)."""
+def synthesize_slide(slide: DemoSlide, spec: DemoSpec) -> HESlide | IHCSlide:
+    """The level-0 image of ``slide`` and what was drawn where (deterministic in ``spec.seed``)."""
     rng = slide.rng(spec.seed)
     if slide.kind == "he":
-        return synthesize_he(spec.he_size, spec, rng).rgb
-    return synthesize_ihc(spec.ihc_size, spec, rng).rgb
+        return synthesize_he(spec.he_size, spec, rng)
+    return synthesize_ihc(spec.ihc_size, spec, rng)
+
+
+def write_slide(out_dir: Path, slide: DemoSlide, spec: DemoSpec) -> HESlide | IHCSlide:
+    """Synthesise ``slide`` and write it as a pyramidal TIFF into ``out_dir``; returns the synthesis."""
+    truth = synthesize_slide(slide, spec)
+    sizes = write_pyramid_tiff(
+        out_dir / slide.filename,
+        truth.rgb,
+        mpp=spec.mpp,
+        app_mag=spec.app_mag,
+        tile=spec.tile,
+        quality=spec.jpeg_quality,
+        levels=spec.levels,
+        extra={"Filename": slide.name, "Title": f"foundation demo-data, seed {spec.seed}"},
+    )
+    log.info("wrote %s (%s, levels %s)", out_dir / slide.filename, slide.stain, sizes)
+    return truth
 
 
 def manifest_text(slides: list[DemoSlide], mpp: float) -> str:
@@ -113,18 +130,13 @@ def write_demo_dataset(out_dir: str | os.PathLike, cfg_demo: Any) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     slides = demo_slides(spec)
     for slide in slides:
-        sizes = write_pyramid_tiff(
-            out / slide.filename,
-            render_slide(slide, spec),
-            mpp=spec.mpp,
-            app_mag=spec.app_mag,
-            tile=spec.tile,
-            quality=spec.jpeg_quality,
-            levels=spec.levels,
-            extra={"Filename": slide.name, "Title": f"foundation demo-data, seed {spec.seed}"},
-        )
-        log.info("wrote %s (%s, levels %s)", out / slide.filename, slide.stain, sizes)
-    manifest = out / MANIFEST
+        write_slide(out, slide, spec)
+    return write_listing(out, spec, slides)
+
+
+def write_listing(out_dir: Path, spec: DemoSpec, slides: list[DemoSlide]) -> Path:
+    """Write ``manifest.csv`` and ``README.txt`` for ``slides``; returns the manifest path."""
+    manifest = out_dir / MANIFEST
     _write_text(manifest, manifest_text(slides, spec.mpp))
-    _write_text(out / README, readme_text(spec, slides))
+    _write_text(out_dir / README, readme_text(spec, slides))
     return manifest
