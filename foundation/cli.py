@@ -23,30 +23,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
-        cmd.set_defaults(_module=module)
-        # Arguments are added lazily (see main) so that only the chosen command's module is imported.
+    for name, (_, help_text) in COMMANDS.items():
+        # Each command's own arguments are added in main(), so only the chosen command's module is imported.
+        sub.add_parser(name, help=help_text, description=help_text, add_help=False)
     return parser
+
+
+def _command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"foundation {name}", description=help_text)
+    module.add_arguments(parser)
+    return parser, module
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    # Intermixed parsing lets `key=value` overrides follow flags; argparse cannot do it with nested subcommands.
+    if any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
+        return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    # Parse the command name first, then let its module add its own arguments.
-    names = [a for a in argv if not a.startswith("-")]
-    if names and names[0] in COMMANDS:
-        name = names[0]
-        module = importlib.import_module(COMMANDS[name][0])
-        sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        module.add_arguments(sub_action.choices[name])
-    args = parser.parse_args(argv)
+    split = next((i for i, a in enumerate(argv) if a in COMMANDS), None)
+    top = build_parser().parse_args(argv if split is None else argv[: split + 1])
+    parser, module = _command_parser(top.command)
+    args = _parse(parser, argv[split + 1 :])
+    args.verbose = top.verbose
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if top.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    module = importlib.import_module(args._module)
     return int(module.run(args) or 0)
 
 
