@@ -32,10 +32,11 @@ from stain.photometric import (
 
 @pytest.fixture(scope="module")
 def tiles(data_dir: Path) -> torch.Tensor:
-    """Four real tiles (2 H&E, 2 IHC) as float64 ``[4,224,224,3]`` levels."""
+    """Four real tiles (2 H&E, 2 IHC), their top-left 128 px (keeps the test quick), float64 levels."""
     root = data_dir / "tiles" / "stain_he_vs_ihc"
     paths = sorted((root / "HE").glob("*.png"))[:2] + sorted((root / "IHC").glob("*.png"))[:2]
-    return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).astype(np.float64))
+    images = np.stack([np.asarray(Image.open(p).convert("RGB"))[:128, :128] for p in paths])
+    return torch.from_numpy(images.astype(np.float64))
 
 
 @pytest.fixture(scope="module")
