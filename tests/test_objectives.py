@@ -185,3 +185,13 @@ def test_group_files_share_keys(group):
     if group == "objective":
         assert {f.stem for f in files} == set(OBJECTIVES)
         assert all(yaml.safe_load(f.read_text())["name"] == f.stem for f in files)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_losses_are_fp32_under_bf16_autocast(name):
+    obj = build(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = obj(tiny_batch(), obj.build_teacher(), STEP)
+    assert loss.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values()), terms
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in obj.parameters() if p.grad is not None)

@@ -29,11 +29,12 @@ def byol_loss(online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     n_pairs = V * G - min(V, G)
     if n_pairs == 0:
         raise ValueError(f"BYOL needs two views: got {V} online and {G} target views")
-    p = F.normalize(online.float(), dim=-1)
-    z = F.normalize(target.float(), dim=-1)
-    cos = torch.einsum("vbd,ubd->vu", p, z) / online.shape[1]                # [V, G] mean cosine per pair
-    same_view = torch.eye(V, G, dtype=torch.bool, device=cos.device)
-    return (2.0 - 2.0 * cos).masked_fill(same_view, 0.0).sum() / n_pairs
+    with torch.autocast(device_type=online.device.type, enabled=False):  # the einsum must stay fp32
+        p = F.normalize(online.float(), dim=-1)
+        z = F.normalize(target.float(), dim=-1)
+        cos = torch.einsum("vbd,ubd->vu", p, z) / online.shape[1]            # [V, G] mean cosine per pair
+        same_view = torch.eye(V, G, dtype=torch.bool, device=cos.device)
+        return (2.0 - 2.0 * cos).masked_fill(same_view, 0.0).sum() / n_pairs
 
 
 class BYOL(Objective):

@@ -32,10 +32,11 @@ def cross_view_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.
     if n_pairs == 0:
         raise ValueError(f"no cross-view pairs with {V} student views and {G} teacher views: "
                          "DINO/iBOT need 2 global crops, or 1 global crop and local crops")
-    log_s = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    ce = -torch.einsum("ubk,vbk->vu", teacher_probs.float(), log_s) / B   # [V, G]
-    same_view = torch.eye(V, G, dtype=torch.bool, device=ce.device)
-    return ce.masked_fill(same_view, 0.0).sum() / n_pairs
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):  # the einsum must stay fp32
+        log_s = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+        ce = -torch.einsum("ubk,vbk->vu", teacher_probs.float(), log_s) / B   # [V, G]
+        same_view = torch.eye(V, G, dtype=torch.bool, device=ce.device)
+        return ce.masked_fill(same_view, 0.0).sum() / n_pairs
 
 
 def masked_patch_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor,
