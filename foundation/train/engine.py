@@ -1,0 +1,226 @@
+"""The DeepSpeed engine from the config: distributed init, DeepSpeed config, AdamW with parameter groups.
+
+``cfg.deepspeed`` (a group file under ``configs/deepspeed/``) holds what DeepSpeed itself tunes (ZeRO
+stage and buckets, gradient communication dtype, fp16 loss scaling); ``cfg.train`` holds what the trainer
+decides (batch, accumulation, precision, clipping). :func:`deepspeed_config` merges both into the dict
+``deepspeed.initialize`` takes; the trainer owns every key it writes and rejects a group file that sets one.
+
+The optimizer is a client ``torch.optim.AdamW`` (fused where the device has it): DeepSpeed's own
+``cpu_adam``/``fused_adam`` are JIT-compiled on first use (~85 s each). Its parameter groups come from
+the model (``foundation.models.param_groups``) and carry ``lr_multiplier``, ``wd_multiplier`` and
+``is_last_layer``; :func:`apply_schedule` writes the scheduled LR and weight decay into every group
+before each step, so no DeepSpeed LR scheduler is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from foundation.config import ConfigError, to_dict
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+ZERO_STAGES = (0, 1, 2, 3)
+FUSED_CHOICES = ("auto", "true", "false")
+# Keys of the DeepSpeed config that the trainer derives from cfg.train; a deepspeed group file must not set them.
+TRAINER_OWNED_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "bf16", "optimizer", "scheduler",
+)
+GROUP_REQUIRED_KEYS = ("zero_optimization", "fp16")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group the launcher described (deepspeed, torchrun, or none: a single process).
+
+    Without launcher variables this is a one-process job on this machine. The backend is the
+    accelerator's (nccl on GPUs, gloo on the CPU).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ["WORLD_SIZE"])
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        device = torch.device("cpu")
+    else:
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(local_rank))
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def micro_batch_size(cfg: Any) -> int:
+    """Samples per rank per micro-step: what the data loader yields (``data.pipeline.batch_size``)."""
+    return int(cfg.data.pipeline.batch_size)
+
+
+def global_batch_size(cfg: Any, world_size: int) -> int:
+    """Samples per optimizer step over all ranks."""
+    return micro_batch_size(cfg) * int(cfg.train.grad_accum_steps) * world_size
+
+
+def validate_engine_config(cfg: Any) -> None:
+    """Reject engine settings DeepSpeed would only refuse after the model is built."""
+    train = cfg.train
+    if train.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {train.precision!r}")
+    if str(train.fused_adamw) not in FUSED_CHOICES:
+        raise ConfigError(f"train.fused_adamw must be one of {FUSED_CHOICES}, got {train.fused_adamw!r}")
+    for key in ("grad_accum_steps", "iterations", "log_every", "max_nonfinite_in_row", "keep_checkpoints"):
+        if int(train[key]) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {train[key]!r}")
+    for key in ("image_every", "checkpoint_every", "freeze_last_layer_iters"):
+        if int(train[key]) < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {train[key]!r}")
+    if micro_batch_size(cfg) < 1:
+        raise ConfigError(f"data.pipeline.batch_size must be >= 1, got {cfg.data.pipeline.batch_size!r}")
+    if float(train.grad_clip) < 0:
+        raise ConfigError(f"train.grad_clip must be >= 0 (0 disables clipping), got {train.grad_clip!r}")
+    group = to_dict(cfg.deepspeed)
+    for key in GROUP_REQUIRED_KEYS:
+        if key not in group:
+            raise ConfigError(f"deepspeed config {cfg.defaults.deepspeed!r}: missing key {key!r}")
+    owned = sorted(set(group) & set(TRAINER_OWNED_KEYS))
+    if owned:
+        raise ConfigError(f"deepspeed config {cfg.defaults.deepspeed!r}: {owned} are set from cfg.train; remove them")
+    stage = group["zero_optimization"].get("stage")
+    if stage not in ZERO_STAGES:
+        raise ConfigError(f"deepspeed.zero_optimization.stage must be one of {ZERO_STAGES}, got {stage!r}")
+
+
+def deepspeed_config(cfg: Any) -> dict[str, Any]:
+    """The student engine's DeepSpeed config: the deepspeed group plus what cfg.train decides."""
+    train = cfg.train
+    out = to_dict(cfg.deepspeed)
+    out["fp16"] = {**out["fp16"], "enabled": train.precision == "fp16"}
+    out.update(
+        train_micro_batch_size_per_gpu=micro_batch_size(cfg),
+        gradient_accumulation_steps=int(train.grad_accum_steps),
+        gradient_clipping=float(train.grad_clip),
+        bf16={"enabled": train.precision == "bf16"},
+    )
+    return out
+
+
+def teacher_deepspeed_config(student_config: Mapping[str, Any]) -> dict[str, Any]:
+    """ZeRO-3 config of the EMA teacher's engine: partitioned like the student, fp32, no optimizer.
+
+    Parameter persistence is off (threshold 0): a persistent parameter stays gathered between forwards,
+    so a shard-local EMA update of it would never reach the full copy the forward uses.
+    """
+    zero = dict(student_config["zero_optimization"])
+    zero.update(stage=3, stage3_param_persistence_threshold=0)
+    return {
+        "train_micro_batch_size_per_gpu": student_config["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": student_config["gradient_accumulation_steps"],
+        "zero_optimization": zero,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+    }
+
+
+def zero_stage(ds_config: Mapping[str, Any]) -> int:
+    return int(ds_config["zero_optimization"]["stage"])
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """Compute dtype of the forward (None: full fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def build_optimizer(groups: Sequence[Mapping[str, Any]], cfg: Any, device: torch.device) -> torch.optim.AdamW:
+    """A client AdamW over the model's parameter groups (LR and WD are set per step by :func:`apply_schedule`)."""
+    required = {"params", "lr_multiplier", "wd_multiplier", "is_last_layer", "name"}
+    torch_groups = []
+    for group in groups:
+        missing = required - set(group)
+        if missing:
+            raise ValueError(f"parameter group {group.get('name', '?')!r} lacks {sorted(missing)}")
+        params = [p for p in group["params"] if p.requires_grad]
+        if params:
+            torch_groups.append({**group, "params": params, "lr": 0.0, "weight_decay": 0.0})
+    if not torch_groups:
+        raise ValueError("the objective has no trainable parameters")
+    choice = str(cfg.train.fused_adamw)
+    fused = device.type == "cuda" if choice == "auto" else choice == "true"
+    betas = tuple(float(b) for b in cfg.train.adamw_betas)
+    return torch.optim.AdamW(torch_groups, lr=0.0, betas=betas, eps=float(cfg.train.adamw_eps), fused=fused)
+
+
+def apply_schedule(param_groups: Sequence[dict[str, Any]], values: Mapping[str, float]) -> None:
+    """Write this iteration's LR and weight decay into every optimizer group (multipliers applied)."""
+    for group in param_groups:
+        lr = values["last_layer_lr"] if group["is_last_layer"] else values["lr"]
+        group["lr"] = lr * group["lr_multiplier"]
+        group["weight_decay"] = values["weight_decay"] * group["wd_multiplier"]
+
+
+_CHECKPOINTED_CLASSES: dict[type, type] = {}
+
+
+def _checkpointed_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of ``cls`` whose forward is recomputed in backward (one per block class)."""
+    if cls not in _CHECKPOINTED_CLASSES:
+
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return cls.forward(self, *args, **kwargs)
+            return checkpoint(cls.forward, self, *args, use_reentrant=False, **kwargs)
+
+        _CHECKPOINTED_CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward})
+    return _CHECKPOINTED_CLASSES[cls]
+
+
+def enable_activation_checkpointing(blocks: nn.ModuleList) -> int:
+    """Recompute each block's activations in backward instead of storing them.
+
+    Each block's class is swapped for a checkpointing subclass: no wrapper module, so parameter names and
+    state-dict keys stay those of the plain model, and a deep copy (the EMA teacher) keeps running its own
+    weights (a patched ``forward`` attribute would be copied as a closure over the student's block).
+    Non-reentrant checkpointing calls the submodules again in backward, so ZeRO-3's module hooks gather
+    their parameters for the recomputation too. Without grad (the teacher) the block runs plainly.
+    """
+    for block in blocks:
+        block.__class__ = _checkpointed_class(type(block))
+    return len(blocks)
+
+
+def initialize_engine(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                      ds_config: Mapping[str, Any]) -> Any:
+    """``deepspeed.initialize`` with a client optimizer (or none, for the teacher); returns the engine."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(ds_config))
+    return engine

@@ -1,0 +1,170 @@
+"""One training run: validate, build the engine and the teacher, resume, loop, log.
+
+:func:`validate` runs before any work (the CLI calls it first); :func:`run_training` takes an already built
+objective, its parameter groups and a data iterator, so tests drive it with a tiny objective and
+synthetic batches and the CLI with the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from foundation.config import ConfigError, to_dict
+from foundation.objectives.base import Objective
+from foundation.train.checkpoint import Checkpointer
+from foundation.train.engine import (
+    DistInfo,
+    autocast_dtype,
+    build_optimizer,
+    deepspeed_config,
+    enable_activation_checkpointing,
+    global_batch_size,
+    initialize_engine,
+    micro_batch_size,
+    validate_engine_config,
+)
+from foundation.train.logging import RunLogger
+from foundation.train.loop import LoopParts, LoopState, train_loop
+from foundation.train.metrics import WindowMeter
+from foundation.train.schedules import Schedules
+from foundation.train.teacher import EMATeacher, init_teacher_weights, wrap_teacher
+from foundation.train.visuals import CapturingIterator, PictureMaker
+from stain.vocabulary import StainVocabulary
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
+
+
+def run_dir(cfg: Any) -> Path:
+    return Path(str(cfg.meta.output_dir))
+
+
+def objective_weight_defaults(cfg: Any) -> dict[str, float]:
+    """``objective.weights.<term>`` as ``<term>_weight``: the constants behind ``null`` weight schedules."""
+    weights = cfg.objective.get("weights") if "objective" in cfg else None
+    if not weights:
+        return {}
+    return {f"{term}_weight": float(value) for term, value in to_dict(weights).items()}
+
+
+def build_schedules(cfg: Any, world_size: int) -> Schedules:
+    try:
+        return Schedules(to_dict(cfg.train), int(cfg.train.iterations), global_batch_size(cfg, world_size),
+                         null_defaults=objective_weight_defaults(cfg))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def validate(cfg: Any) -> None:
+    """Every trainer setting that can be checked without building anything."""
+    validate_engine_config(cfg)
+    build_schedules(cfg, world_size=1)
+    if int(cfg.train.image_every) > 0 and int(cfg.train.image_count) < 1:
+        raise ConfigError(f"train.image_count must be >= 1 when train.image_every > 0, got {cfg.train.image_count}")
+
+
+def check_objective_schedules(objective: Objective, schedules: Schedules) -> None:
+    """The objective's ``schedule_names`` must all be scheduled (and so logged)."""
+    missing = [n for n in objective.schedule_names if n not in schedules.names]
+    if missing:
+        raise ConfigError(f"{type(objective).__name__} reads the schedules {missing}: set train.schedules.<name> "
+                          f"(or objective.weights.<term> for a null *_weight)")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_run_info(directory: Path, ds_config: Mapping[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / DEEPSPEED_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
+
+
+@dataclass
+class TrainResult:
+    """The finished run: loop state, the engine (student) and the EMA teacher, for export and checks."""
+
+    state: LoopState
+    engine: Any
+    teacher: EMATeacher | None
+    checkpoints: Path
+
+
+def run_training(cfg: Any, objective: Objective, param_groups: Sequence[Mapping[str, Any]],
+                 data: Iterator[Mapping[str, torch.Tensor]], dist: DistInfo) -> TrainResult:
+    """Train ``objective`` on ``data`` as ``cfg`` says.
+
+    ``data`` is this rank's batch iterator; when it has ``state_dict``/``load_state_dict`` (the DALI
+    loader does) its position is saved in every checkpoint and restored on resume. The model must
+    have been built with the same seed on every rank.
+    """
+    out_dir = run_dir(cfg)
+    ds_config = deepspeed_config(cfg)
+    schedules = build_schedules(cfg, dist.world_size)
+    check_objective_schedules(objective, schedules)
+    if dist.rank == 0:
+        _write_run_info(out_dir, ds_config)
+        lr = schedules.specs["lr"]
+        log.info("global batch %d (%d per rank x %d accumulation x %d ranks): peak LR %.4g, ZeRO-%d, %s",
+                 global_batch_size(cfg, dist.world_size), micro_batch_size(cfg), int(cfg.train.grad_accum_steps),
+                 dist.world_size, lr.peak, ds_config["zero_optimization"]["stage"], cfg.train.precision)
+
+    teacher_module = objective.build_teacher()
+    pairs = objective.teacher_pairs(teacher_module) if teacher_module is not None else []
+    init_teacher_weights(pairs)
+    if bool(cfg.train.activation_checkpointing):
+        enable_activation_checkpointing(objective.backbone().blocks)
+    optimizer = build_optimizer(param_groups, cfg, dist.device)
+    engine = initialize_engine(objective, optimizer, ds_config)
+    teacher = wrap_teacher(teacher_module, pairs, ds_config, dist.device) if teacher_module is not None else None
+    # Model init used the shared seed; from here each rank draws its own randomness (drop path, token dropout).
+    seed_everything(int(cfg.meta.seed) + dist.rank)
+
+    checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, engine, teacher, dist.rank, dist.world_size,
+                                keep=int(cfg.train.keep_checkpoints))
+    state = LoopState()
+    tag = checkpointer.latest_tag() if bool(cfg.train.resume) else None
+    if tag is not None:
+        restored = checkpointer.load(tag)
+        state = LoopState.from_state_dict(restored["trainer"])
+        if restored["data"] is not None and hasattr(data, "load_state_dict"):
+            data.load_state_dict(restored["data"])
+        log.info("resumed from %s at step %d", checkpointer.directory / tag, state.iteration)
+
+    total = int(cfg.train.iterations)
+    logger = RunLogger(out_dir, dist.rank == 0, total, state.iteration, bool(cfg.train.progress_bar))
+    compute_dtype = autocast_dtype(str(cfg.train.precision))
+    capture = CapturingIterator(iter(data), int(cfg.train.image_count))
+    pictures = None
+    if int(cfg.train.image_every) > 0:
+        pictures = PictureMaker(engine, teacher.module if teacher is not None else None, capture, logger,
+                                StainVocabulary.from_config(cfg.get("stain")), list(cfg.data.crops.mean),
+                                list(cfg.data.crops.std), out_dir, dist.rank, dist.device, compute_dtype)
+    parts = LoopParts(
+        engine=engine, teacher=teacher, data=capture, schedules=schedules, logger=logger,
+        meter=WindowMeter(dist.device, dist.world_size, global_batch_size(cfg, dist.world_size)),
+        checkpointer=checkpointer, device=dist.device, compute_dtype=compute_dtype,
+        grad_accum_steps=int(cfg.train.grad_accum_steps), log_every=int(cfg.train.log_every),
+        checkpoint_every=int(cfg.train.checkpoint_every), image_every=int(cfg.train.image_every),
+        max_nonfinite_in_row=int(cfg.train.max_nonfinite_in_row),
+        data_state=(lambda: data.state_dict()) if hasattr(data, "state_dict") else (lambda: None),
+        pictures=pictures,
+    )
+    try:
+        state = train_loop(parts, state, total)
+    finally:
+        logger.close()
+    return TrainResult(state, engine, teacher, checkpointer.directory)
