@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("foundation.demo", "write the embedded demo slides and their manifest"),
     "index": ("foundation.slides.index_cli", "detect tissue and build the tile index of a manifest"),
     "quickstart": ("foundation.quickstart", "the main job: demo data, index (and pretraining) in one go"),
+    "train": ("foundation.train_cli", "pretrain (MAE / iBOT / ...) with DeepSpeed on an indexed slide set"),
 }
 
 

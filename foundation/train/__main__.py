@@ -1,0 +1,10 @@
+"""``python -m foundation.train [--config PRESET] [key=value ...]``: ``foundation train`` as a module, for launchers.
+
+``deepspeed --module foundation.train ...`` and ``torchrun -m foundation.train ...`` start it once per rank.
+"""
+
+import sys
+
+from foundation.cli import main
+
+sys.exit(main(["train", *sys.argv[1:]]))

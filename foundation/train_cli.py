@@ -1,0 +1,94 @@
+"""``foundation train [--config PRESET] [--index DIR] [key=value ...]``: pretrain on an indexed slide set.
+
+One process per rank. Without a launcher it is a one-rank job; under ``deepspeed`` or ``torchrun`` every rank
+runs this same command (``python -m foundation.train ...``; see launch/README.md). Order of work:
+
+1. compose and validate the config (exit 2 on a bad key or value: nothing is written, nothing is built);
+2. join the process group, write the resolved config into ``meta.output_dir`` (rank 0);
+3. build the objective and its parameter groups, open the tile index and this rank's DALI loader;
+4. train (resuming from ``<output_dir>/checkpoints/latest`` when ``train.resume``); exit 3 when too many
+   non-finite losses in a row stop the run (the last checkpoint is kept as it was).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from foundation.config import ConfigError, load_config, save_config
+
+log = logging.getLogger(__name__)
+
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+CONFIG_FILE = "config.yaml"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", dest="preset", help="preset name in configs/experiments or a YAML path")
+    parser.add_argument("--index", type=Path, help="tile index folder from `foundation index` (train.index)")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.iterations=50")
+
+
+def _quiet_other_ranks(rank: int, verbose: bool) -> None:
+    """Rank 0 logs at INFO; the others only warnings. DeepSpeed's own INFO chatter only with --verbose."""
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    if not verbose:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.index is not None:
+        overrides.append(f"train.index={args.index}")
+    try:
+        cfg = load_config(args.preset, overrides)
+        from foundation.train.trainer import validate
+
+        validate(cfg)
+        if not cfg.train.index:
+            raise ConfigError("no tile index: pass --index DIR or set train.index (build one with `foundation index`)")
+        index_dir = Path(str(cfg.train.index))
+        if not (index_dir / "slides").is_dir():
+            raise ConfigError(f"train.index={index_dir}: not a tile index folder (run `foundation index` first)")
+    except ConfigError as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+
+    from foundation.data.loader import build_loader
+    from foundation.models.param_groups import param_groups
+    from foundation.objectives import build_objective
+    from foundation.slides.index import TileIndex
+    from foundation.train.engine import init_distributed
+    from foundation.train.loop import NonFiniteLossError
+    from foundation.train.trainer import run_dir, run_training, seed_everything
+
+    dist = init_distributed()
+    _quiet_other_ranks(dist.rank, bool(getattr(args, "verbose", False)))
+    out = run_dir(cfg)
+    if dist.rank == 0:
+        save_config(cfg, out / CONFIG_FILE)
+        log.info("run folder %s (config written), %d rank(s) on %s", out, dist.world_size, dist.device)
+    seed_everything(int(cfg.meta.seed))
+    objective = build_objective(cfg)
+    groups = param_groups(objective, cfg)
+    index = TileIndex.load(index_dir)
+    patch = objective.backbone().patch_embed.patch_size[0]
+    device_id = dist.local_rank if dist.device.type == "cuda" else None
+    loader = build_loader(cfg, index, dist.rank, dist.world_size, device_id=device_id, patch_size=patch,
+                          keys=objective.required_batch_keys)
+    try:
+        result = run_training(cfg, objective, groups, loader, dist)
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+        return EXIT_NONFINITE
+    finally:
+        loader.close()
+    if dist.rank == 0:
+        log.info("done: %d steps; TensorBoard: tensorboard --logdir %s; checkpoints in %s",
+                 result.state.iteration, out / "tensorboard", result.checkpoints)
+    return 0

@@ -1,0 +1,43 @@
+"""``foundation train`` refuses a bad config before any work: nothing is written, no process group is joined."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from foundation.cli import main
+from foundation.config import load_config
+from foundation.train.trainer import validate
+
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train.iteratons=5"], "unknown config key 'train.iteratons'"),
+    (["train.precision=fp8"], "train.precision must be one of"),
+    (["deepspeed=zero9"], "unknown deepspeed config 'zero9'"),
+    ([], "no tile index: pass --index DIR"),
+    (["--index", "{tmp}/nowhere"], "not a tile index folder"),
+])
+def test_bad_input_stops_before_any_work(tmp_path, caplog, args, message):
+    out = tmp_path / "run"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    with caplog.at_level(logging.ERROR):
+        code = main(["train", "--config", "cpu_smoke", f"meta.output_dir={out}", *args])
+    assert code == 2
+    assert message in caplog.text
+    assert not out.exists()
+
+
+def test_launcher_local_rank_argument_is_accepted(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        code = main(["train", "--config", "cpu_smoke", "--local_rank=1", f"meta.output_dir={tmp_path}/r"])
+    assert code == 2 and "no tile index" in caplog.text  # parsed fine, stopped at the missing index
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_validates(preset):
+    cfg = load_config(preset)
+    validate(cfg)
