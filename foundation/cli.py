@@ -16,9 +16,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("foundation.demo", "write the embedded demo slides and their manifest"),
     "index": ("foundation.slides.index_cli", "detect tissue and build the tile index of a manifest"),
     "quickstart": ("foundation.quickstart", "the main job: demo data, index (and pretraining) in one go"),
+    "train": ("foundation.train_cli", "pretrain (MAE / iBOT / ...) with DeepSpeed on an indexed slide set"),
     "embed": ("foundation.eval.embed_cli", "features of a tile folder or of sampled tiles of indexed slides"),
     "eval": ("foundation.eval.eval_cli", "kNN and linear probes on class-per-folder tiles, with baselines"),
-    "train": ("foundation.train_cli", "pretrain (MAE / iBOT / ...) with DeepSpeed on an indexed slide set"),
+    "eval-seg": ("foundation.eval.seg_cli", "Ki67 segmentation demonstrator: linear decoder on frozen patch tokens"),
+    "bench": ("foundation.bench", "throughput benchmarks: `bench data` (data pipeline vs a plain DataLoader)"),
 }
 
 

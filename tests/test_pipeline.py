@@ -128,6 +128,11 @@ def test_resharded_resume_keeps_every_sample(index: TileIndex):
         assert torch.equal(merged[key], torch.cat([b[key] for b in next_two]))
 
 
+def test_parallel_reader_workers_give_identical_batches(index: TileIndex):
+    """Two reader processes build whole rank batches by batch number: same batches as the main process."""
+    assert_same(take(loader(index, "data.pipeline.reader_workers=2", *LIGHT), 3), take(loader(index, *LIGHT), 3))
+
+
 def test_raw_tile_and_region_paths_give_identical_batches(index: TileIndex):
     """The DALI-decoded raw JPEG tiles, assembled, equal the readers' regions bit for bit (CPU decode)."""
     region = loader(index, "data.pipeline.raw_tiles=never", *LIGHT)

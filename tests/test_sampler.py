@@ -17,7 +17,6 @@ from foundation.data.sampler import (
     entry_probabilities,
     sample_rng,
     systematic_counts,
-    worker_positions,
 )
 from stain.vocabulary import StainVocabulary
 
@@ -68,20 +67,19 @@ def test_systematic_counts_are_floor_or_ceil():
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-@pytest.mark.parametrize("num_workers", [1, 3])
-def test_sharding_is_disjoint_and_complete(world_size, num_workers):
+def test_sharding_is_disjoint_and_complete(world_size):
     order = GlobalOrder(np.full(97, 1.0), seed=0)  # 97: batches straddle epoch boundaries
     batch, steps = 6, 20
     seen = []
     for rank in range(world_size):
         sampler = ShardedSampler(order, Shard(rank, world_size, batch), position=5)
-        for step in range(steps):
-            positions = sampler.batch_positions(step)
-            parts = [worker_positions(positions, w, num_workers) for w in range(num_workers)]
-            assert np.array_equal(np.sort(np.concatenate(parts)), positions)
-            seen.append(positions)
+        seen += [sampler.batch_positions(step) for step in range(steps)]
     seen = np.sort(np.concatenate(seen))
     assert np.array_equal(seen, np.arange(5, 5 + steps * world_size * batch))
+    # the entries of the shards, put together, are the global order itself
+    entries = np.concatenate([order.entries(np.arange(5 + t * world_size * batch, 5 + (t + 1) * world_size * batch))
+                              for t in range(steps)])
+    assert np.array_equal(entries, order.entries(np.arange(5, 5 + steps * world_size * batch)))
 
 
 def run_ranks(order, world_size, batch, position, steps):

@@ -27,16 +27,19 @@ Sharding layout
 ---------------
 The run consumes the global order from a start position ``g0``. Step ``t`` takes the ``W * B`` positions
 ``[g0 + t*W*B, g0 + (t+1)*W*B)`` (``W`` ranks, ``B`` samples per rank); rank ``r`` takes the contiguous block
-``g0 + t*W*B + r*B + [0, B)``; pipeline worker ``k`` of ``K`` takes the samples ``j = k, k+K, ...`` of that block.
-Every position is taken exactly once. After ``t`` steps by all ranks the consumed set is exactly the prefix
-``[0, g0 + t*W*B)`` of the global order, so the state is one integer (the global position) and it resumes on any
-world size or batch size without repeating or skipping a sample.
+``g0 + t*W*B + r*B + [0, B)``. Inside a rank, the pipeline's reader workers (``data.pipeline.reader_workers``)
+each build whole rank batches: DALI hands batch ``t`` to one worker, which computes it from ``t`` alone
+(:meth:`Shard.positions`). Every position is taken exactly once. After ``t`` steps by all ranks the consumed set
+is exactly the prefix ``[0, g0 + t*W*B)`` of the global order, so the state is one integer (the global position)
+and it resumes on any world size or batch size without repeating or skipping a sample.
 
 Per-sample randomness
 ---------------------
-Every random choice about a sample (crop windows, flips, magnification, stain jitter, masks) comes from
+Every random choice about a sample (magnification, crop windows, flips, turns, stain and colour jitter) comes from
 :func:`sample_rng` seeded by ``(seed, position, attempt)``: independent of the batch, rank, worker and world size,
-so a re-sharded or resumed run produces bit-identical samples.
+so a re-sharded or resumed run produces bit-identical samples. iBOT masks spread their ratios over a batch
+(DINOv2), so they are drawn per batch, seeded by the batch's first position: a resume reproduces them exactly, a
+re-shard to another batch size draws new ones.
 """
 
 from __future__ import annotations
@@ -201,13 +204,6 @@ class Shard:
         """Global positions of this rank's batch at ``step`` counted from the global position ``start``."""
         first = int(start) + int(step) * self.global_batch + self.rank * self.batch_size
         return np.arange(first, first + self.batch_size, dtype=np.int64)
-
-
-def worker_positions(positions: np.ndarray, worker: int, num_workers: int) -> np.ndarray:
-    """The samples of one rank batch that pipeline worker ``worker`` of ``num_workers`` produces."""
-    if not 0 <= worker < num_workers:
-        raise ValueError(f"worker {worker} is not in 0..{num_workers - 1}")
-    return positions[worker::num_workers]
 
 
 class ShardedSampler:
