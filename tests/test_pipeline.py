@@ -128,9 +128,15 @@ def test_resharded_resume_keeps_every_sample(index: TileIndex):
         assert torch.equal(merged[key], torch.cat([b[key] for b in next_two]))
 
 
-def test_parallel_reader_workers_give_identical_batches(index: TileIndex):
-    """Two reader processes build whole rank batches by batch number: same batches as the main process."""
-    assert_same(take(loader(index, "data.pipeline.reader_workers=2", *LIGHT), 3), take(loader(index, *LIGHT), 3))
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_parallel_reader_workers_give_identical_batches(index: TileIndex, start: str):
+    """Two reader processes build whole rank batches by batch number: same batches as the main process.
+
+    ``spawn`` is what the GPU path uses (DALI cannot fork once CUDA is up): the source travels pickled, the index
+    columns as memory-map file names."""
+    parallel = loader(index, "data.pipeline.reader_workers=2", f"data.pipeline.reader_start={start}", *LIGHT)
+    assert_same(take(parallel, 3), take(loader(index, *LIGHT), 3))
+    parallel.close()
 
 
 def test_raw_tile_and_region_paths_give_identical_batches(index: TileIndex):

@@ -185,5 +185,6 @@ def build_loader(cfg: Any, index: Any, rank: int = 0, world_size: int = 1, devic
         "solarize_threshold": float(augmentation["generic"]["solarize_threshold"]),
         "batch_size": shard.batch_size, "threads": int(pcfg.threads), "prefetch": int(pcfg.prefetch),
         "exec_dynamic": bool(pcfg.exec_dynamic), "reader_workers": int(pcfg.reader_workers),
+        "reader_start": str(pcfg.reader_start),
     }
     return DaliLoader(make_source, layout, crops, sampler, pipeline_args, device, device_id)

@@ -25,6 +25,7 @@ from stain.dali_ops import PHOTOMETRIC_INPUTS, photometric_augment, stain_augmen
 from stain.deconvolution import MAX_LEVEL
 
 DEVICES = ("cpu", "gpu")
+START_METHODS = ("auto", "fork", "spawn")
 
 
 def _assemble_raw(inputs: dict[str, DataNode], slots: int, decode_device: str) -> DataNode:
@@ -84,10 +85,18 @@ def output_names(layout: SourceLayout) -> list[str]:
 
 def build_pipeline(source: BatchSource, crops: CropConfig, solarize_threshold: float, device: str,
                    batch_size: int, threads: int, prefetch: int, exec_dynamic: bool, reader_workers: int,
-                   device_id: int | None = None) -> Pipeline:
-    """A built DALI pipeline whose outputs are :func:`output_names` (crops as float CHW, then per-sample data)."""
+                   reader_start: str = "auto", device_id: int | None = None) -> Pipeline:
+    """A built DALI pipeline whose outputs are :func:`output_names` (crops as float CHW, then per-sample data).
+
+    ``reader_start`` (``data.pipeline.reader_start``): how reader processes start; ``auto`` forks on the CPU and
+    spawns on the GPU, where the trainer has initialised CUDA and DALI refuses to fork.
+    """
     if device not in DEVICES:
         raise ValueError(f"data.pipeline.device={device!r}; choose one of {DEVICES}")
+    if reader_start not in START_METHODS:
+        raise ValueError(f"data.pipeline.reader_start={reader_start!r}; choose one of {START_METHODS}")
+    if reader_start == "auto":
+        reader_start = "spawn" if device == "gpu" else "fork"
     if device == "gpu" and device_id is None:
         raise ValueError("device=gpu needs the CUDA device id of this rank")
     layout = source.layout
@@ -114,7 +123,7 @@ def build_pipeline(source: BatchSource, crops: CropConfig, solarize_threshold: f
             extra = [e.gpu() for e in extra]
         return (*outputs, *extra)
 
-    kwargs = {"py_num_workers": reader_workers, "py_start_method": "fork"} if parallel else {}
+    kwargs = {"py_num_workers": reader_workers, "py_start_method": reader_start} if parallel else {}
     pipe = graph(batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=prefetch,
                  exec_dynamic=exec_dynamic, **kwargs)
     if parallel:

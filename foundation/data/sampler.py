@@ -151,6 +151,11 @@ class GlobalOrder:
     def __len__(self) -> int:
         return int(self.p.size)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_epochs"] = OrderedDict()  # recomputed where needed: cheaper than shipping it to a reader process
+        return state
+
     def epoch(self, e: int) -> np.ndarray:
         """The entries of epoch ``e`` in order (cached)."""
         if e in self._epochs:

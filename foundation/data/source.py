@@ -109,7 +109,7 @@ class BatchSource:
         missing = [c for c in _INDEX_COLUMNS if c not in tiles]
         if missing:
             raise ValueError(f"tile index lacks columns {missing} (has {sorted(tiles)})")
-        self.tiles = {c: np.asarray(tiles[c]) for c in _INDEX_COLUMNS}
+        self.tiles = {c: tiles[c] if isinstance(tiles[c], np.memmap) else np.asarray(tiles[c]) for c in _INDEX_COLUMNS}
         self.slides = slides
         self.kinds = kinds
         self.order = order
@@ -122,6 +122,7 @@ class BatchSource:
         self.masking = masking
         self.mask_grid = mask_grid
         self.max_retries = int(max_retries)
+        self.reader = reader
         self.handles = SlideHandles(slides, reader)
         self._types = crop_types(crops.global_count, crops.local_count)
         self._warned: set[int] = set()
@@ -228,6 +229,21 @@ class BatchSource:
             )
             for name, values in photometric_dali_args(params).items():
                 out[f"{name}{c}"] = np.stack(values)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For spawned reader processes: open slide handles stay behind; memory-mapped index columns travel as
+        their file names (re-mapped in the worker) instead of being copied."""
+        state = dict(self.__dict__)
+        state["handles"] = None
+        state["tiles"] = {c: ("mmap", a.filename) if isinstance(a, np.memmap) and a.filename else ("array", a)
+                          for c, a in self.tiles.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["tiles"] = {c: np.load(v, mmap_mode="r") if kind == "mmap" else v
+                          for c, (kind, v) in state["tiles"].items()}
+        state["handles"] = SlideHandles(state["slides"], state["reader"])
+        self.__dict__.update(state)
 
     def close(self) -> None:
         self.handles.close()
