@@ -204,3 +204,12 @@ def test_damaged_tiles_and_slides_are_replaced_and_counted(damaged: dict[str, ob
     assert ld.failed_reads >= doomed  # replacements may fail again: counted too
     assert all(b["global_crops"].shape[1] == BATCH for b in batches)
     assert all(torch.isfinite(b["global_crops"]).all() for b in batches)
+
+
+def test_bad_pipeline_settings_are_named(index: TileIndex):
+    with pytest.raises(ValueError, match="data.pipeline.batch_size=0"):
+        loader(index, batch=0)
+    with pytest.raises(ValueError, match="data.pipeline.raw_tiles='sometimes'"):
+        loader(index, "data.pipeline.raw_tiles=sometimes")
+    with pytest.raises(ValueError, match="data.pipeline.device='tpu'"):
+        loader(index, "data.pipeline.device=tpu")

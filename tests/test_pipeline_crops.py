@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from foundation.config import load_config
-from foundation.data.crops import CropConfig, crop_windows, draw_crops, plan_region
-from foundation.data.reading import split_span
+from foundation.data.crops import CropConfig, Region, crop_windows, draw_crops, plan_region
+from foundation.data.reading import SlideHandles, SlideInfo, split_span
 from foundation.slides.readers import open_slide
 
 
@@ -150,3 +150,24 @@ def test_bad_crop_settings_are_named():
         crop_cfg(magnification="zoom")
     with pytest.raises(ValueError, match="hflip_p"):
         crop_cfg(hflip_p=1.5)
+
+
+def test_slide_handles_stay_bounded_and_read_the_same_pixels(wsi: dict[str, Path]):
+    paths = [wsi["svs_jpeg"], wsi["ome_tiff"], wsi["ihc_tiff"]]
+    slides = []
+    for i, path in enumerate(paths):
+        with open_slide(path, mpp=0.25) as r:
+            slides.append(SlideInfo(f"s{i}", str(path), r.mpp, tuple(r.level_dimensions),
+                                    tuple(r.level_downsamples), 1, 0))
+    region = Region(level=0, x=300, y=200, side=64)
+    expected = []
+    for path in paths:
+        with open_slide(path, mpp=0.25) as r:
+            expected.append(r.read_region((region.x, region.y), 0, (region.side, region.side)))
+    handles = SlideHandles(slides, max_open=2)
+    for _ in range(2):
+        for s in range(len(paths)):
+            assert np.array_equal(handles.read_region(s, region), expected[s])
+            assert handles.open_count <= 2
+    handles.close()
+    assert handles.open_count == 0

@@ -27,7 +27,7 @@ from nvidia.dali.plugin.pytorch.torch_utils import to_torch_type
 
 from foundation.config import to_dict
 from foundation.data.crops import CropConfig
-from foundation.data.pipeline import build_pipeline, output_names
+from foundation.data.pipeline import DEVICES, build_pipeline, output_names
 from foundation.data.reading import SlideHandles, SlideInfo, plan_paths
 from foundation.data.sampler import Shard, ShardedSampler, build_order
 from foundation.data.source import BatchSource, SourceLayout, photometric_enabled
@@ -142,7 +142,13 @@ def build_loader(cfg: Any, index: Any, rank: int = 0, world_size: int = 1, devic
     """
     data = cfg.data
     pcfg = data.pipeline
+    for key, least in (("batch_size", 1), ("threads", 1), ("prefetch", 1), ("reader_workers", 0),
+                       ("max_read_retries", 0), ("max_open_slides", 1)):
+        if int(pcfg[key]) < least:
+            raise ValueError(f"data.pipeline.{key}={pcfg[key]} must be >= {least}")
     device = device or str(pcfg.device)
+    if device not in DEVICES:
+        raise ValueError(f"data.pipeline.device={device!r}; choose one of {DEVICES}")
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
     crops = CropConfig.from_config(data.crops)
@@ -179,7 +185,8 @@ def build_loader(cfg: Any, index: Any, rank: int = 0, world_size: int = 1, devic
 
     def make_source(start: int) -> BatchSource:
         return BatchSource(index.tiles, slides, kinds, order, shard, start, layout, crops, augmentation,
-                           masking, grid, str(cfg.slides.reader), int(pcfg.max_read_retries))
+                           masking, grid, str(cfg.slides.reader), int(pcfg.max_read_retries),
+                           int(pcfg.max_open_slides))
 
     pipeline_args = {
         "solarize_threshold": float(augmentation["generic"]["solarize_threshold"]),

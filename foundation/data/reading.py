@@ -22,7 +22,8 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,34 +103,50 @@ def _check_jpeg(data: bytes, where: str) -> np.ndarray:
 
 
 class SlideHandles:
-    """Readers of the index slides, opened on first use and kept open (one set per process)."""
+    """Readers of the index slides, opened on first use and kept open, at most ``max_open`` (one set per process).
 
-    def __init__(self, slides: Sequence[SlideInfo], reader: str = "auto") -> None:
+    A slide that fails to open is remembered and never retried by this process (its samples are replaced).
+    """
+
+    def __init__(self, slides: Sequence[SlideInfo], reader: str = "auto", max_open: int = 256) -> None:
+        if max_open < 1:
+            raise ValueError(f"data.pipeline.max_open_slides={max_open} must be >= 1")
         self.slides = list(slides)
         self.reader = reader
-        self._readers: dict[int, Any] = {}
-        self._raw: dict[int, Any] = {}
+        self.max_open = max_open
+        self._open_handles: OrderedDict[tuple[str, int], Any] = OrderedDict()  # least recently used first
         self._broken: dict[int, str] = {}
         self._pid = os.getpid()
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open_handles)
 
     def _describe(self, slide: int) -> str:
         info = self.slides[slide]
         return f"slide {info.slide_id!r} ({info.path})"
 
-    def _open(self, slide: int, cache: dict[int, Any], opener) -> Any:
+    def _open(self, kind: str, slide: int, opener: Callable[[SlideInfo], Any]) -> Any:
         if os.getpid() != self._pid:
-            # a forked reader process: file handles inherited from the parent share their offsets, so reopen
-            self._readers, self._raw, self._pid = {}, {}, os.getpid()
+            # a forked reader process: handles inherited from the parent share file offsets with it, so reopen
+            self._open_handles, self._pid = OrderedDict(), os.getpid()
         if slide in self._broken:
             raise ReadError(f"{self._describe(slide)} could not be opened: {self._broken[slide]}")
-        if slide not in cache:
-            try:
-                cache[slide] = opener(self.slides[slide])
-            except Exception as err:  # any reader error: the slide is skipped, not the run
-                self._broken[slide] = f"{type(err).__name__}: {err}"
-                log.warning("skipping %s: %s", self._describe(slide), self._broken[slide])
-                raise ReadError(f"{self._describe(slide)} could not be opened: {self._broken[slide]}") from err
-        return cache[slide]
+        key = (kind, slide)
+        if key in self._open_handles:
+            self._open_handles.move_to_end(key)
+            return self._open_handles[key]
+        try:
+            handle = opener(self.slides[slide])
+        except Exception as err:  # any reader error: the slide is skipped, not the run
+            self._broken[slide] = f"{type(err).__name__}: {err}"
+            log.warning("skipping %s: %s", self._describe(slide), self._broken[slide])
+            raise ReadError(f"{self._describe(slide)} could not be opened: {self._broken[slide]}") from err
+        self._open_handles[key] = handle
+        while len(self._open_handles) > self.max_open:
+            _, oldest = self._open_handles.popitem(last=False)
+            _close(oldest)
+        return handle
 
     def region_reader(self, slide: int) -> Any:
         from foundation.slides.readers import open_slide
@@ -138,13 +155,13 @@ class SlideHandles:
             mpp = info.mpp if np.isfinite(info.mpp) else None
             return open_slide(info.path, reader=self.reader, mpp=mpp)
 
-        return self._open(slide, self._readers, opener)
+        return self._open("region", slide, opener)
 
     def raw_source(self, slide: int) -> Any | None:
         """The slide's :class:`RawTileSource`, or ``None`` when it is not JPEG-tiled."""
         from foundation.slides.raw_tiles import RawTileSource
 
-        return self._open(slide, self._raw, lambda info: RawTileSource.open(info.path))
+        return self._open("raw", slide, lambda info: RawTileSource.open(info.path))
 
     def read_region(self, slide: int, region: Region) -> np.ndarray:
         """Decoded ``side x side x 3`` uint8 RGB pixels of ``region``."""
@@ -191,12 +208,14 @@ class SlideHandles:
         return RawPieces(jpegs=jpegs, rects=np.asarray(rects, dtype=np.int32))
 
     def close(self) -> None:
-        for handle in [*self._readers.values(), *self._raw.values()]:
-            close = getattr(handle, "close", None)
-            if close is not None:
-                close()
-        self._readers.clear()
-        self._raw.clear()
+        while self._open_handles:
+            _close(self._open_handles.popitem()[1])
+
+
+def _close(handle: Any) -> None:
+    close = getattr(handle, "close", None)  # None stands for "not JPEG-tiled": nothing to close
+    if close is not None:
+        close()
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ class BatchSource:
     def __init__(self, tiles: Mapping[str, np.ndarray], slides: list[SlideInfo], kinds: list[str],
                  order: GlobalOrder, shard: Shard, start: int, layout: SourceLayout, crops: CropConfig,
                  augmentation: Mapping[str, Any], masking: Mapping[str, Any] | None, mask_grid: tuple[int, int],
-                 reader: str, max_retries: int) -> None:
+                 reader: str, max_retries: int, max_open: int) -> None:
         missing = [c for c in _INDEX_COLUMNS if c not in tiles]
         if missing:
             raise ValueError(f"tile index lacks columns {missing} (has {sorted(tiles)})")
@@ -123,7 +123,8 @@ class BatchSource:
         self.mask_grid = mask_grid
         self.max_retries = int(max_retries)
         self.reader = reader
-        self.handles = SlideHandles(slides, reader)
+        self.max_open = int(max_open)
+        self.handles = SlideHandles(slides, reader, self.max_open)
         self._types = crop_types(crops.global_count, crops.local_count)
         self._warned: set[int] = set()
 
@@ -242,7 +243,7 @@ class BatchSource:
     def __setstate__(self, state: dict[str, Any]) -> None:
         state["tiles"] = {c: np.load(v, mmap_mode="r") if kind == "mmap" else v
                           for c, (kind, v) in state["tiles"].items()}
-        state["handles"] = SlideHandles(state["slides"], state["reader"])
+        state["handles"] = SlideHandles(state["slides"], state["reader"], state["max_open"])
         self.__dict__.update(state)
 
     def close(self) -> None:
