@@ -12,7 +12,7 @@ On disk (``DIR``)::
     summary.json         counts and throughput of the run
     errors.csv           slide, reason: every manifest row that could not be indexed
     config.yaml          the resolved config of the run
-    cache/<fp>.npz       per-slide results keyed by a fingerprint of the file (path, size, mtime) and of
+    cache/<fp>.tiles|json  per-slide results keyed by a fingerprint of the file (path, size, mtime) and of
                          the settings that change its tiles; an unchanged slide is never re-read
     qc/<slide>.png       with --qc: thumbnail, tissue mask tinted, sampled tiles drawn
 
@@ -42,6 +42,8 @@ from foundation.slides.manifest import ManifestRow
 from foundation.slides.parallel import WorkerCrash, imap_unordered
 from foundation.slides.slide_table import SlideRecord, SlideTable, write_slide_table
 from foundation.slides.slide_tiles import (
+    CACHE_META,
+    CACHE_TILES,
     TILE_DTYPES,
     IndexParams,
     SlideJob,
@@ -130,7 +132,7 @@ def _write_columns(out: Path, ok: list[tuple[ManifestRow, str, dict[str, Any]]],
         starts.append(at)
         n = meta["tiles"]
         if n:
-            part = load_cache_columns(cache_dir / f"{fp}.npz")
+            part = load_cache_columns(cache_dir / fp, n)
             columns["slide"][at:at + n] = slide
             for name in TILE_DTYPES:
                 columns[name][at:at + n] = part[name]
@@ -163,9 +165,9 @@ def build_index(rows: list[ManifestRow], out: str | os.PathLike, tissue: TissueP
             continue
         fp = fingerprint(row, stat.st_size, stat.st_mtime_ns, settings)
         prints[row.line] = fp
-        cache = cache_dir / f"{fp}.npz"
+        cache = cache_dir / fp
         qc = qc_dir / f"{_qc_name(row.slide_id)}.png" if params.qc else None
-        if cache.is_file() and (qc is None or qc.is_file()):
+        if cache.with_name(fp + CACHE_META).is_file() and (qc is None or qc.is_file()):
             try:
                 outcomes[row.line] = SlideOutcome(row.line, True, meta=load_cache_meta(cache))
                 cached += 1
@@ -201,10 +203,11 @@ def build_index(rows: list[ManifestRow], out: str | os.PathLike, tissue: TissueP
         writer = csv.writer(fh)
         writer.writerow(["slide", "reason"])
         writer.writerows([(row.path_text, reason) for row, reason in failed])
-    keep = {f"{fp}.npz" for _, fp, _ in ok}
-    for stale in cache_dir.glob("*.npz"):
-        if stale.name not in keep:
-            stale.unlink()
+    keep = {fp for _, fp, _ in ok}
+    for entry in cache_dir.iterdir():
+        stale = entry.name.split(".")[0] not in keep and entry.suffix in (CACHE_TILES, CACHE_META)
+        if stale or entry.suffix == ".tmp":  # .tmp: left by an interrupted run
+            entry.unlink()
 
     summary = _summary(manifest, rows, ok, failed, cached, len(jobs), tiles_read, time.perf_counter() - start,
                        read_seconds, params)

@@ -26,27 +26,7 @@ EXIT_FAILED_SLIDES = 1
 EXIT_BAD_INPUT = 2
 
 
-def _parse_intermixed(parser: argparse.ArgumentParser) -> None:
-    """Let ``key=value`` overrides follow the options.
-
-    The top-level parser hands this subcommand its arguments through ``parse_known_args``, which stops
-    filling positionals at the first option, so overrides after ``--out DIR`` would be unrecognised.
-    Intermixed parsing fixes that; it calls ``parse_known_args`` itself, hence the swap back during the call.
-    """
-    plain = parser.parse_known_args
-
-    def parse(args: list[str] | None = None, namespace: argparse.Namespace | None = None):
-        parser.parse_known_args = plain  # type: ignore[method-assign]
-        try:
-            return parser.parse_known_intermixed_args(args, namespace)
-        finally:
-            parser.parse_known_args = parse  # type: ignore[method-assign]
-
-    parser.parse_known_args = parse  # type: ignore[method-assign]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _parse_intermixed(parser)
     parser.add_argument("manifest", type=Path, help="CSV with columns path, stain, marker, group, mpp, slide_id")
     parser.add_argument("--out", type=Path, required=True, help="index folder (created; re-runs are incremental)")
     parser.add_argument("--mpp", type=float, nargs="+", help="target pixel sizes in µm/px (index.mpp)")

@@ -1,29 +1,30 @@
 """Map a function over items in worker processes, surviving workers that die.
 
-Slide libraries are C code: a malformed file can crash the process that reads it. A crash breaks a
-``ProcessPoolExecutor`` and every job in flight with it, so after a crash each job that was in flight
-is re-run alone in a fresh one-worker pool: the job that crashes again is reported as a
-:class:`WorkerCrash`, the others complete, and the remaining items continue in a new pool.
+Slide libraries are C code: a malformed file can crash the process that reads it. Each worker here
+holds one item at a time over its own pipe, so when a worker process dies the parent knows exactly
+which item killed it: that item is reported as a :class:`WorkerCrash`, a fresh worker takes its place
+and the run goes on. (``concurrent.futures.ProcessPoolExecutor`` cannot say which job crashed, marks
+the whole pool broken, and can hang joining the survivors.)
 
-Workers are forked from a ``forkserver`` process that has imported the ``preload`` modules once: a worker
-starts in milliseconds instead of re-importing numpy, scipy and the slide libraries (about 2 s each), and
-is still forked from a clean single-purpose process, not from the caller.
+Workers are forked from a ``forkserver`` process that has imported the ``preload`` modules once: a
+worker starts in milliseconds instead of re-importing numpy, scipy and the slide libraries (about 2 s
+each), and is still forked from a clean single-purpose process, not from the caller.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-_IN_FLIGHT_PER_WORKER = 4  # bounded submission: memory stays flat for a million slides
-_DONE = object()
+_STOP = None  # sent to a worker: exit
+_JOIN_SECONDS = 5.0  # grace period for idle workers to exit before they are terminated
 
 
 @dataclass(frozen=True)
@@ -33,36 +34,51 @@ class WorkerCrash:
     reason: str
 
 
-def _fill(pool: ProcessPoolExecutor, fn: Callable[[T], R], source: Iterator[T], inflight: dict[Future[R], T],
-          limit: int) -> bool:
-    """Submit items until ``limit`` are in flight; True once the source is exhausted."""
-    while len(inflight) < limit:
-        item = next(source, _DONE)
-        if item is _DONE:
-            return True
-        inflight[pool.submit(fn, item)] = item  # type: ignore[arg-type]
-    return False
-
-
-def _context(preload: Sequence[str]) -> mp.context.BaseContext:
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(list(preload))  # takes effect when the server starts (once per process)
-    return context
-
-
-def _solo(fn: Callable[[T], R], item: T, initializer: Callable[..., None] | None,
-          initargs: tuple[Any, ...], context: mp.context.BaseContext) -> R | WorkerCrash:
-    with ProcessPoolExecutor(1, mp_context=context, initializer=initializer, initargs=initargs) as pool:
+def _worker_main(conn: Connection, fn: Callable[[Any], Any], initializer: Callable[..., None] | None,
+                 initargs: tuple[Any, ...]) -> None:
+    if initializer is not None:
+        initializer(*initargs)
+    while True:
         try:
-            return pool.submit(fn, item).result()
-        except BrokenProcessPool as err:
-            return WorkerCrash(f"the worker process died while reading it ({err})")
+            item = conn.recv()
+        except EOFError:  # the parent went away
+            return
+        if item is _STOP:
+            return
+        try:
+            conn.send((True, fn(item)))
+        except Exception as err:  # handed to the parent, which re-raises it
+            conn.send((False, err))
+
+
+class _Worker:
+    def __init__(self, context: mp.context.BaseContext, fn: Callable[[Any], Any],
+                 initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_main, args=(child, fn, initializer, initargs), daemon=True)
+        self.process.start()
+        child.close()
+        self.item: Any = None
+        self.busy = False
+
+    def submit(self, item: Any) -> None:
+        self.item, self.busy = item, True
+        self.conn.send(item)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):  # a dead worker's pipe is closed
+            self.conn.send(_STOP)
+        self.process.join(_JOIN_SECONDS)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+        self.conn.close()
 
 
 def imap_unordered(fn: Callable[[T], R], items: Iterable[T], workers: int,
                    initializer: Callable[..., None] | None = None, initargs: tuple[Any, ...] = (),
                    preload: Sequence[str] = ()) -> Iterator[tuple[T, R | WorkerCrash]]:
-    """Yield ``(item, fn(item))`` in completion order; ``fn`` and the items must pickle.
+    """Yield ``(item, fn(item))`` in completion order; ``fn``, its arguments and results must pickle.
 
     With ``workers <= 1`` everything runs in this process (no crash isolation). Python exceptions
     raised by ``fn`` propagate: ``fn`` is expected to turn expected failures into results.
@@ -73,31 +89,52 @@ def imap_unordered(fn: Callable[[T], R], items: Iterable[T], workers: int,
         for item in items:
             yield item, fn(item)
         return
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(list(preload))  # takes effect when the server starts (once per process)
     source = iter(items)
-    context = _context(preload)
-    while True:
-        suspects: list[T] = []
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
-            inflight: dict[Future[R], T] = {}
-            limit = workers * _IN_FLIGHT_PER_WORKER
-            exhausted = _fill(pool, fn, source, inflight, limit)
-            while inflight:
-                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    item = inflight.pop(future)
-                    try:
-                        result = future.result()
-                    except BrokenProcessPool:
-                        suspects.append(item)
-                        continue
-                    yield item, result
-                if suspects:
-                    suspects.extend(inflight.values())
-                    inflight.clear()
+    pool: list[_Worker] = []
+    try:
+        pending = True
+        while True:
+            for i, worker in enumerate(pool):  # replace workers that died while idle
+                if not worker.busy and not worker.process.is_alive():
+                    worker.stop()
+                    pool[i] = _Worker(context, fn, initializer, initargs)
+            while pending:
+                idle = next((w for w in pool if not w.busy), None)
+                if idle is None and len(pool) < workers:
+                    idle = _Worker(context, fn, initializer, initargs)
+                    pool.append(idle)
+                if idle is None:
                     break
-                if not exhausted:
-                    exhausted = _fill(pool, fn, source, inflight, limit)
-        for item in suspects:
-            yield item, _solo(fn, item, initializer, initargs, context)
-        if not suspects:
-            return
+                try:
+                    idle.submit(next(source))
+                except StopIteration:
+                    pending = False
+            busy = [w for w in pool if w.busy]
+            if not busy:
+                return
+            ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
+            for i, worker in enumerate(pool):
+                if not worker.busy or (worker.conn not in ready and worker.process.sentinel not in ready):
+                    continue
+                item = worker.item
+                try:
+                    ok, result = worker.conn.recv() if worker.conn.poll() else (None, None)
+                except (EOFError, OSError):
+                    ok = None
+                if ok is None:  # the process died before answering
+                    worker.process.join()
+                    code = worker.process.exitcode
+                    worker.busy = False
+                    worker.stop()
+                    pool[i] = _Worker(context, fn, initializer, initargs)
+                    yield item, WorkerCrash(f"the worker process died while reading it (exit code {code})")
+                    continue
+                worker.busy = False
+                if not ok:
+                    raise result
+                yield item, result
+    finally:
+        for worker in pool:
+            worker.stop()
