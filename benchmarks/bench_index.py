@@ -1,11 +1,12 @@
 """Indexing throughput on the five real slides, per-slide cost by stage, and the load time of a huge index.
 
-    .venv/bin/python benchmarks/bench_index.py [--repeats 3] [--mpp 0.5 1 32] [--load-slides 1000000]
+    .venv/bin/python benchmarks/bench_index.py [--repeats 3] [--mpp 0.5 1 32] [--copies 1] [--load-slides 1000000]
 
 1. ``foundation index`` over a manifest of the five real slides in ../shared/data (the JPEG 2000 SVS and the IHC
-   pyramid get their pixel size from the manifest): a cold run in this process (``--workers 1``), a cold run with
-   two spawned worker processes, and a warm re-run (every slide cached). Each cold run starts from an empty
-   folder; the median of ``--repeats`` runs is reported.
+   pyramid get their pixel size from the manifest), each listed ``--copies`` times through symbolic links (distinct
+   paths, so distinct slides to the index): a cold run in this process (``--workers 1``), a cold run with two
+   worker processes, and a warm re-run (every slide cached). Each cold run starts from an empty folder; the
+   median of ``--repeats`` runs is reported.
 2. Per slide, in this process: open, thumbnail read, tissue mask, tile grid (median of the repeats).
 3. ``TileIndex.load`` of a synthetic index of ``--load-slides`` slides and ten tiles per slide.
 
@@ -47,12 +48,20 @@ SLIDES = [  # path under wsi/, stain, marker, manifest mpp
 ]
 
 
-def write_manifest(path: Path) -> Path:
+def write_manifest(path: Path, copies: int = 1) -> Path:
+    links = path.parent / "links"
+    links.mkdir(exist_ok=True)
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "stain", "marker", "mpp"])
-        for rel, stain, marker, mpp in SLIDES:
-            writer.writerow([DATA / "wsi" / rel, stain, marker, mpp])
+        for copy in range(copies):
+            for rel, stain, marker, mpp in SLIDES:
+                target = DATA / "wsi" / rel
+                if copy:
+                    link = links / f"{copy}_{target.name}"
+                    link.symlink_to(target)
+                    target = link
+                writer.writerow([target, stain, marker, mpp])
     return path
 
 
@@ -136,6 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mpp", type=float, nargs="+", default=[0.5, 1.0, 32.0])
+    parser.add_argument("--copies", type=int, default=1, help="list each real slide this many times")
     parser.add_argument("--load-slides", type=int, default=1_000_000)
     args = parser.parse_args()
     logging.getLogger("tifffile").setLevel(logging.ERROR)
@@ -144,12 +154,12 @@ def main() -> None:
     params = IndexParams.from_config(to_dict(cfg.index))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        runs = index_runs(write_manifest(root / "manifest.csv"), tissue, params, args.repeats, root)
+        runs = index_runs(write_manifest(root / "manifest.csv", args.copies), tissue, params, args.repeats, root)
         stages = stage_times(tissue, params, args.repeats)
         (root / "big").mkdir()
         load = load_time(args.load_slides, root / "big")
 
-    print(f"\nfoundation index, 5 real slides, targets {args.mpp} µm/px, median of {args.repeats}")
+    print(f"\nfoundation index, 5 real slides x {args.copies}, targets {args.mpp} µm/px, median of {args.repeats}")
     print(f"{'run':<20}{'seconds':>9}{'slides/s':>10}{'tiles':>7}{'tiles/s':>9}{'read':>6}")
     for label, r in runs.items():
         print(f"{label:<20}{r['seconds']:>9.2f}{r['slides_per_s']:>10.2f}{r['tiles']:>7}{r['tiles_per_s']:>9.1f}"
