@@ -8,7 +8,7 @@ from train_support import TinyObjective, spawn, tiny_overrides, tiny_run
 
 from foundation.eval.checkpoints import CheckpointFormatError, load_backbone, tag_dir
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
