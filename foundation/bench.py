@@ -12,6 +12,7 @@ import importlib
 # kind -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
     "data": ("foundation.data.bench", "crops/s of the DALI data pipeline against a plain torch DataLoader"),
+    "step": ("foundation.perf.step", "our training step against a plain-PyTorch reference step: img/s, TFLOP/s, MFU"),
 }
 
 

@@ -1,0 +1,52 @@
+"""CPU smoke of `foundation bench step`: tiny ViT, iBOT and MAE at ZeRO-1, ours against the plain reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ROW_KEYS = {
+    "model", "objective", "batch", "zero", "precision", "world_size", "ours_step_s", "ref_step_s",
+    "ours_images_per_s", "ref_images_per_s", "ratio", "flops_per_step", "gflop_per_image", "ours_tflops",
+    "ref_tflops", "ours_mfu", "ref_mfu", "ours_peak_gb", "ref_peak_gb", "ours_loss_step0", "ref_loss_step0",
+    "loss_step0_abs_diff", "losses_finite", "ours_step_s_repeats", "ref_step_s_repeats",
+}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "step.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, "-m", "foundation", "bench", "step", "--config", "benchmarks/step_cpu.yaml",
+           "--objective", "ibot", "mae", "--zero", "1", "--precision", "fp32", "--batch", "4", "--out", str(out),
+           "bench.step.warmup=1", "bench.step.steps=2", "bench.step.repeats=2", "bench.step.gemm_size_cpu=128"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ours/ref" in proc.stdout  # the terminal table
+    return json.loads(out.read_text())
+
+
+def test_json_has_every_figure_and_the_environment(result: dict) -> None:
+    assert result["kind"] == "step"
+    assert {"torch", "deepspeed", "timm", "python", "device", "gpu"} <= set(result["environment"])
+    assert result["gemm"]["tflops"] > 0
+    assert [r["objective"] for r in result["results"]] == ["ibot", "mae"]
+    for row in result["results"]:
+        assert set(row) >= ROW_KEYS, sorted(ROW_KEYS - set(row))
+        assert row["zero"] == 1 and row["precision"] == "fp32" and row["batch"] == 4
+        assert len(row["ours_step_s_repeats"]) == 2 and row["ours_images_per_s"] > 0 and row["flops_per_step"] > 0
+        assert math.isclose(row["ratio"], row["ref_step_s"] / row["ours_step_s"], rel_tol=1e-9)
+
+
+def test_both_sides_compute_the_same_finite_loss(result: dict) -> None:
+    for row in result["results"]:
+        assert row["losses_finite"], row
+        # same weights, batch and random draws at step 0 in fp32: the same mathematics gives the same loss
+        assert row["loss_step0_abs_diff"] <= 1e-5 * max(1.0, abs(row["ref_loss_step0"])), row
