@@ -13,6 +13,7 @@ import importlib
 BENCHES: dict[str, tuple[str, str]] = {
     "data": ("foundation.data.bench", "crops/s of the DALI data pipeline against a plain torch DataLoader"),
     "step": ("foundation.perf.step", "our training step against a plain-PyTorch reference step: img/s, TFLOP/s, MFU"),
+    "e2e": ("foundation.perf.e2e", "the full training loop on real slides: img/s, share of time waiting for data"),
 }
 
 
