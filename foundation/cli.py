@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("foundation.demo", "write the embedded demo slides and their manifest"),
     "index": ("foundation.slides.index_cli", "detect tissue and build the tile index of a manifest"),
+    "checkpoint": ("foundation.checkpoint_cli", "`checkpoint universal CKPT`: a checkpoint to resume on M ranks"),
     "export": ("foundation.export_cli", "write a checkpoint's teacher (or student) backbone as timm weights"),
     "quickstart": ("foundation.quickstart", "the main job: demo data, index (and pretraining) in one go"),
     "train": ("foundation.train_cli", "pretrain (MAE / iBOT / ...) with DeepSpeed on an indexed slide set"),

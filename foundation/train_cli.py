@@ -6,8 +6,9 @@ runs this same command (``python -m foundation.train ...``; see launch/README.md
 1. compose and validate the config (exit 2 on a bad key or value: nothing is written, nothing is built);
 2. join the process group, write the resolved config into ``meta.output_dir`` (rank 0);
 3. build the objective and its parameter groups, open the tile index and this rank's DALI loader;
-4. train (resuming from ``<output_dir>/checkpoints/latest`` when ``train.resume``); exit 3 when too many
-   non-finite losses in a row stop the run (the last checkpoint is kept as it was).
+4. train, resuming as ``--resume``/``train.resume`` says (auto: the newest complete checkpoint; a bad PATH
+   exits 2 before any work); exit 3 when too many non-finite losses in a row stop the run (the last checkpoint
+   is kept as it was); SIGTERM/SIGINT/SIGUSR1 finish the step, save and exit 0.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ CONFIG_FILE = "config.yaml"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", dest="preset", help="preset name in configs/experiments or a YAML path")
     parser.add_argument("--index", type=Path, help="tile index folder from `foundation index` (train.index)")
+    parser.add_argument("--resume", help="auto (newest complete checkpoint), none, or a checkpoint PATH "
+                        "(train.resume)")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.iterations=50")
@@ -45,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.index is not None:
         overrides.append(f"train.index={args.index}")
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
     try:
         cfg = load_config(args.preset, overrides)
         from foundation.train.trainer import validate
@@ -55,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         index_dir = Path(str(cfg.train.index))
         if not (index_dir / "slides").is_dir():
             raise ConfigError(f"train.index={index_dir}: not a tile index folder (run `foundation index` first)")
+        from foundation.train.trainer import CHECKPOINT_DIR, find_resume, run_dir
+
+        find_resume(cfg, run_dir(cfg) / CHECKPOINT_DIR)  # a bad or incomplete train.resume stops here
     except ConfigError as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
@@ -63,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from foundation.models.param_groups import param_groups
     from foundation.objectives import build_objective
     from foundation.slides.index import TileIndex
+    from foundation.train.checkpoint import CheckpointError
     from foundation.train.engine import init_distributed
     from foundation.train.loop import NonFiniteLossError
-    from foundation.train.trainer import run_dir, run_training, seed_everything
+    from foundation.train.trainer import run_training, seed_everything
 
     dist = init_distributed()
     _quiet_other_ranks(dist.rank, bool(getattr(args, "verbose", False)))
@@ -86,8 +95,14 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         log.error("%s", err)
         return EXIT_NONFINITE
+    except (CheckpointError, ConfigError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
     finally:
         loader.close()
+    if result.state.stopped:
+        log.info("stopped by a signal at step %d (checkpoint saved); resume with --resume auto", result.state.iteration)
+        return 0
     if dist.rank == 0:
         log.info("done: %d steps; TensorBoard: tensorboard --logdir %s; checkpoints in %s",
                  result.state.iteration, out / "tensorboard", result.checkpoints)

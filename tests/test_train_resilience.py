@@ -33,7 +33,7 @@ def test_last_good_checkpoint_is_left_intact(outcome):
     assert outcome["step3_files"] == sorted([
         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
-        "teacher/rank_00000.pt", "teacher/rank_00001.pt", "trainer/rank_00000.pt", "trainer/rank_00001.pt",
+        "teacher/rank_00000.pt", "teacher/rank_00001.pt", "trainer/rank_00000.pt", "trainer/rank_00001.pt", "COMPLETE",
     ])
 
 

@@ -3,24 +3,34 @@
 Layout under ``<output_dir>/checkpoints``::
 
     latest                       tag of the newest complete checkpoint, written last (DeepSpeed's tools read it)
+    zero_to_fp32.py              DeepSpeed's recovery script (copied by DeepSpeed at every save)
     step_00000500/               one tag per saved step
-        mp_rank_00_model_states.pt, *optim_states.pt   engine.save_checkpoint (module, optimizer, ZeRO shards)
+        COMPLETE                 JSON marker, written last: every file with its size, the world size, ZeRO stage,
+                                 the student's parameter shapes, the resolved config and the code version
+        mp_rank_00_model_states.pt, *optim_states.pt   engine.save_checkpoint (module + buffers, optimizer,
+                                 fp32 master weights, ZeRO shards)
         teacher/full.pt          replicated teacher (ZeRO-0/1/2), written by rank 0
-        teacher/rank_00001.pt    or one file of shards per rank (ZeRO-3)
-        trainer/rank_00001.pt    per rank: loop state, data-loader state, RNG states, world size
+        teacher/rank_00001.pt    or one file of fp32 shards per rank (ZeRO-3)
+        trainer/rank_00001.pt    per rank: loop state (schedule position), data-loader state, RNG states
 
-A checkpoint counts only once ``latest`` names it: every file is written to a temporary name and renamed,
-all ranks meet at a barrier, then rank 0 replaces ``latest``. A crash mid-save leaves the previous
-checkpoint the one a resume picks up.
+Atomicity: every rank writes into ``.tmp_step_00000500``; after a barrier rank 0 checks and lists the files,
+writes ``COMPLETE``, renames the folder to its tag and replaces ``latest`` (each by an atomic rename). A crash
+at any point leaves the previous checkpoint complete and named by ``latest``. Everything of ours is loaded
+with ``weights_only=True``; DeepSpeed loads its own engine files itself (``weights_only=False`` inside
+DeepSpeed's ``TorchCheckpointEngine``: they hold its config objects and optimizer state).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import re
 import shutil
+import subprocess
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +40,15 @@ import torch.distributed as dist
 
 from foundation.train.teacher import EMATeacher
 
+log = logging.getLogger(__name__)
+
 LATEST = "latest"
+COMPLETE = "COMPLETE"
+TMP_PREFIX = ".tmp_"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+FORMAT_VERSION = 1
+#: config sections that must match between a checkpoint and the run resuming it
+MATCHING_SECTIONS = ("model", "objective")
 
 
 class CheckpointError(RuntimeError):
@@ -51,20 +68,47 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
+def code_version() -> str:
+    """``git describe`` of the source tree when it is a checkout, else the package version."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True)
+        return f"git:{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        from foundation import __version__
+
+        return f"foundation {__version__}"
+
+
+# ------------------------------------------------------------------------------------------- RNG states
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch generator states as tensors and plain values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [*internal, version, gauss],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = list(state["python"])
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -75,44 +119,192 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# ------------------------------------------------------------------------------------ marker and checks
+def read_marker(tag_dir: Path) -> dict[str, Any]:
+    """The ``COMPLETE`` marker of ``tag_dir``; raises :class:`CheckpointError` when absent or unreadable."""
+    marker = tag_dir / COMPLETE
+    if not marker.is_file():
+        raise CheckpointError(f"{marker} is missing: the checkpoint {tag_dir} is incomplete (interrupted save?)")
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{marker} is not a readable marker: {err}") from err
+    if not isinstance(meta, dict) or "files" not in meta:
+        raise CheckpointError(f"{marker} has no file list: not a marker of this trainer")
+    return meta
+
+
+def verify(tag_dir: Path) -> dict[str, Any]:
+    """Check that every file the marker lists is present with its recorded size; return the marker."""
+    tag_dir = Path(tag_dir)
+    meta = read_marker(tag_dir)
+    for name, size in meta["files"].items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {tag_dir / COMPLETE})")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"{path} is {actual} bytes, {size} were written: truncated or corrupt")
+    return meta
+
+
+def _list_files(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def _diff_keys(saved: Any, current: Any, prefix: str) -> list[str]:
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        out = []
+        for key in sorted(set(saved) | set(current)):
+            out += _diff_keys(saved.get(key), current.get(key), f"{prefix}.{key}")
+        return out
+    return [] if saved == current else [f"{prefix}: {saved!r} in the checkpoint, {current!r} here"]
+
+
+def check_compatible(tag_dir: Path, meta: Mapping[str, Any], config: Mapping[str, Any] | None,
+                     param_shapes: Mapping[str, list[int]] | None) -> None:
+    """Refuse a checkpoint of another architecture or objective config, before anything is loaded."""
+    marker = tag_dir / COMPLETE
+    saved_shapes = meta.get("param_shapes", {})
+    if param_shapes is not None and saved_shapes != dict(param_shapes):
+        missing = sorted(set(param_shapes) - set(saved_shapes))[:5]
+        extra = sorted(set(saved_shapes) - set(param_shapes))[:5]
+        shapes = [f"{k}: {saved_shapes[k]} saved, {param_shapes[k]} here" for k in sorted(param_shapes)
+                  if k in saved_shapes and saved_shapes[k] != param_shapes[k]][:5]
+        raise CheckpointError(f"{marker}: the checkpoint holds another model (missing here {missing}, not in the "
+                              f"checkpoint {extra}, shapes differ {shapes})")
+    if config is not None and meta.get("config") is not None:
+        diffs = [d for s in MATCHING_SECTIONS for d in _diff_keys(meta["config"].get(s), config.get(s), s)]
+        if diffs:
+            raise CheckpointError(f"{marker}: written with another config: {'; '.join(diffs[:5])}")
+
+
+def step_of(tag_dir: Path) -> int:
+    match = TAG_PATTERN.match(tag_dir.name)
+    return int(match.group(1)) if match else -1
+
+
+def resolve_resume(directory: Path, spec: str) -> Path | None:
+    """The tag folder to resume from: ``auto`` = the newest complete one under ``directory`` (incomplete or
+    corrupt ones are skipped with a warning naming them; None when there is none), ``none``/``false`` = None,
+    anything else a path (a tag folder, a universal checkpoint, or a checkpoints folder searched like auto)."""
+    spec = str(spec)
+    if spec.lower() in ("none", "false", "off", ""):
+        return None
+    if spec.lower() in ("auto", "true"):
+        return newest_complete(Path(directory))
+    path = Path(spec)
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume={spec}: no such checkpoint folder")
+    if (path / COMPLETE).is_file() or TAG_PATTERN.match(path.name):
+        verify(path)
+        return path
+    for candidate in (path / "checkpoints", path):
+        if candidate.is_dir() and any(TAG_PATTERN.match(p.name) for p in candidate.iterdir()):
+            found = newest_complete(candidate)
+            if found is None:
+                raise CheckpointError(f"train.resume={spec}: no complete checkpoint in {candidate}")
+            return found
+    raise CheckpointError(f"train.resume={spec}: neither a checkpoint (no {path / COMPLETE}) nor a folder of them")
+
+
+def newest_complete(directory: Path) -> Path | None:
+    if not directory.is_dir():
+        return None
+    tags = sorted((p for p in directory.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)), key=step_of,
+                  reverse=True)
+    for tag in tags:
+        try:
+            verify(tag)
+            return tag
+        except CheckpointError as err:
+            log.warning("skipping checkpoint %s: %s", tag, err)
+    return None
+
+
+# ---------------------------------------------------------------------------------------- the saver
+@dataclass
+class RunIdentity:
+    """What a checkpoint records about the run that wrote it (and checks on resume)."""
+
+    config: dict[str, Any] | None
+    param_shapes: dict[str, list[int]]
+    zero_stage: int
+    teacher_shapes: dict[str, list[int]] | None = None  # what re-sharding the teacher needs
+
+
 class Checkpointer:
     """Save and resume one run's checkpoints (every method is called on every rank)."""
 
     def __init__(self, directory: Path, engine: Any, teacher: EMATeacher | None, rank: int, world_size: int,
-                 keep: int) -> None:
+                 keep: int, keep_every: int = 0, identity: RunIdentity | None = None) -> None:
         self.directory = Path(directory)
         self.engine = engine
         self.teacher = teacher
         self.rank = rank
         self.world_size = world_size
         self.keep = keep
+        self.keep_every = keep_every
+        self.identity = identity or RunIdentity(None, {}, -1)
+        self.version = code_version() if rank == 0 else ""
 
     # ----------------------------------------------------------------------------------- saving
     def save(self, iteration: int, trainer_state: Mapping[str, Any], data_state: Mapping[str, Any] | None) -> Path:
         tag = tag_for(iteration)
-        tag_dir = self.directory / tag
-        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state={"iteration": iteration},
+        tmp_tag = TMP_PREFIX + tag
+        tmp_dir, tag_dir = self.directory / tmp_tag, self.directory / tag
+        if self.rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a crash mid-save
+            tmp_dir.mkdir(parents=True)
+        _barrier()
+        self.engine.save_checkpoint(str(self.directory), tag=tmp_tag, client_state={"iteration": iteration},
                                     save_latest=False)
         if self.teacher is not None:
             if self.teacher.sharded:
-                atomic_save(self.teacher.local_state(), tag_dir / "teacher" / f"rank_{self.rank:05d}.pt")
+                atomic_save(self.teacher.local_state(), tmp_dir / "teacher" / f"rank_{self.rank:05d}.pt")
             elif self.rank == 0:
-                atomic_save(self.teacher.local_state(), tag_dir / "teacher" / "full.pt")
+                atomic_save(self.teacher.local_state(), tmp_dir / "teacher" / "full.pt")
         own = {"trainer": dict(trainer_state), "data": dict(data_state) if data_state is not None else None,
                "rng": rng_state(), "world_size": self.world_size, "iteration": iteration}
-        atomic_save(own, tag_dir / "trainer" / f"rank_{self.rank:05d}.pt")
+        atomic_save(own, tmp_dir / "trainer" / f"rank_{self.rank:05d}.pt")
         _barrier()
         if self.rank == 0:
-            _atomic_write_text(self.directory / LATEST, tag)
-            self._prune(keep_tag=tag)
+            self._finish(iteration, tmp_dir, tag_dir)
         _barrier()
         return tag_dir
 
+    def _finish(self, iteration: int, tmp_dir: Path, tag_dir: Path) -> None:
+        """Rank 0, after every rank wrote: marker, rename, ``latest``, pruning."""
+        files = _list_files(tmp_dir)
+        expected = [f"trainer/rank_{r:05d}.pt" for r in range(self.world_size)]
+        if self.teacher is not None:
+            expected += ([f"teacher/rank_{r:05d}.pt" for r in range(self.world_size)] if self.teacher.sharded
+                         else ["teacher/full.pt"])
+        missing = [f for f in expected if f not in files]
+        if missing:
+            raise CheckpointError(f"{tmp_dir}: files {missing} were not written; the checkpoint is not committed")
+        meta = {"format": FORMAT_VERSION, "iteration": iteration, "world_size": self.world_size,
+                "zero_stage": self.identity.zero_stage, "universal": False, "code_version": self.version,
+                "param_shapes": self.identity.param_shapes, "teacher_shapes": self.identity.teacher_shapes,
+                "config": self.identity.config, "files": files}
+        _atomic_write_text(tmp_dir / COMPLETE, json.dumps(meta, indent=1) + "\n")
+        if tag_dir.exists():  # the same step saved again (a run resumed before it): the new one replaces it
+            shutil.rmtree(tag_dir)
+        os.replace(tmp_dir, tag_dir)
+        _atomic_write_text(self.directory / LATEST, tag_dir.name)
+        self._prune(keep_tag=tag_dir.name)
+
     def _prune(self, keep_tag: str) -> None:
-        tags = sorted(p.name for p in self.directory.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+        """Keep the newest ``keep`` complete tags and every ``keep_every``-th step; drop stale temporary folders."""
+        tags = sorted((p.name for p in self.directory.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)),
+                      key=lambda t: int(TAG_PATTERN.match(t).group(1)))
         for old in tags[:-self.keep]:
-            if old != keep_tag:
+            step = int(TAG_PATTERN.match(old).group(1))
+            if old != keep_tag and not (self.keep_every > 0 and step % self.keep_every == 0):
                 shutil.rmtree(self.directory / old, ignore_errors=True)
+        for stale in self.directory.glob(TMP_PREFIX + "step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------- loading
     def latest_tag(self) -> str | None:
@@ -124,27 +316,57 @@ class Checkpointer:
             raise CheckpointError(f"{path} names {tag!r}, which is not a folder in {self.directory}")
         return tag
 
-    def load(self, tag: str) -> dict[str, Any]:
-        """Restore engine, teacher and RNG from ``tag``; return ``{"trainer", "data", "iteration"}``."""
-        tag_dir = self.directory / tag
+    def check(self, tag_dir: Path) -> dict[str, Any]:
+        """Everything checkable before loading (on every rank): completeness, sizes, model, config, world size."""
+        meta = verify(tag_dir)
+        check_compatible(tag_dir, meta, self.identity.config, self.identity.param_shapes)
+        if meta.get("universal"):
+            return meta
+        if meta["world_size"] != self.world_size:
+            raise CheckpointError(f"{tag_dir / COMPLETE}: written by {meta['world_size']} ranks, this run has "
+                                  f"{self.world_size}; resume on {meta['world_size']} ranks or convert it with "
+                                  f"`foundation checkpoint universal {tag_dir}`")
+        if self.identity.zero_stage >= 0 and meta["zero_stage"] != self.identity.zero_stage:
+            raise CheckpointError(f"{tag_dir / COMPLETE}: written at ZeRO-{meta['zero_stage']}, this run is "
+                                  f"ZeRO-{self.identity.zero_stage}; convert it with `foundation checkpoint "
+                                  f"universal {tag_dir}`")
+        return meta
+
+    def load(self, tag_dir: Path | str) -> dict[str, Any]:
+        """Restore engine, teacher and RNG from ``tag_dir``; return ``{"trainer", "data", "iteration"}``."""
+        tag_dir = Path(tag_dir)
+        if not tag_dir.is_absolute() and not tag_dir.exists():
+            tag_dir = self.directory / tag_dir
+        meta = self.check(tag_dir)
+        if meta.get("universal"):
+            from foundation.train.universal import load_universal
+
+            return load_universal(self, tag_dir)
         own_path = tag_dir / "trainer" / f"rank_{self.rank:05d}.pt"
-        if not own_path.is_file():
-            raise CheckpointError(f"{own_path} is missing: the checkpoint was written by another number of ranks "
-                                  f"(this run has {self.world_size})")
-        own = torch.load(own_path, map_location="cpu", weights_only=False)
-        if own["world_size"] != self.world_size:
-            raise CheckpointError(f"{own_path}: written by {own['world_size']} ranks, this run has "
-                                  f"{self.world_size}; resume on {own['world_size']} ranks")
-        load_path, _ = self.engine.load_checkpoint(str(self.directory), tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load the engine state from {tag_dir}")
+        own = _torch_load(own_path)
+        teacher_state = None
         if self.teacher is not None:
             name = f"rank_{self.rank:05d}.pt" if self.teacher.sharded else "full.pt"
-            teacher_path = tag_dir / "teacher" / name
-            if not teacher_path.is_file():
-                raise CheckpointError(f"{teacher_path} is missing (teacher state of {tag})")
-            self.teacher.load_local_state(torch.load(teacher_path, map_location="cpu", weights_only=True))
+            teacher_state = _torch_load(tag_dir / "teacher" / name)
+        load_path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load the engine state from {tag_dir}")
+        if teacher_state is not None:
+            try:
+                self.teacher.load_local_state(teacher_state)
+            except (KeyError, ValueError, RuntimeError) as err:
+                raise CheckpointError(f"{tag_dir / 'teacher'}: {err}") from err
         set_rng_state(own["rng"])
         _barrier()
         return {"trainer": own["trainer"], "data": own["data"], "iteration": own["iteration"]}
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with an error naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path} is missing") from err
+    except Exception as err:  # torch raises many kinds of errors for a damaged file
+        raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {err}") from err

@@ -101,7 +101,7 @@ def validate_engine_config(cfg: Any) -> None:
     for key in ("grad_accum_steps", "iterations", "log_every", "max_nonfinite_in_row", "keep_checkpoints"):
         if int(train[key]) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {train[key]!r}")
-    for key in ("image_every", "checkpoint_every", "freeze_last_layer_iters"):
+    for key in ("image_every", "checkpoint_every", "freeze_last_layer_iters", "keep_checkpoints_every"):
         if int(train[key]) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {train[key]!r}")
     if micro_batch_size(cfg) < 1:
@@ -215,6 +215,36 @@ def enable_activation_checkpointing(blocks: nn.ModuleList) -> int:
     for block in blocks:
         block.__class__ = _checkpointed_class(type(block))
     return len(blocks)
+
+
+def container_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters held directly by modules that also have children (a ViT's ``pos_embed``, ``cls_token``...).
+
+    Under ZeRO-3 a parameter is gathered when its owner's ``forward`` is entered through ``__call__``; these
+    are used by methods of their owner (``backbone.forward_features(...)``) whose ``forward`` never runs, so
+    nothing would gather them.
+    """
+    out = []
+    for sub in module.modules():
+        if next(sub.children(), None) is not None:
+            out.extend(p for p in sub._parameters.values() if p is not None)
+    return out
+
+
+def register_container_parameters(root: nn.Module, *modules: nn.Module) -> int:
+    """ZeRO-3: have ``root``'s forward (the engine's call) gather the container parameters of ``modules``.
+
+    Registered as external parameters of ``root``, they are gathered when the engine's forward starts and
+    released when it ends, including the teacher's (the objective runs the teacher inside its forward).
+    """
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    count = 0
+    for module in modules:
+        for param in container_parameters(module):
+            register_external_parameter(root, param)
+            count += 1
+    return count
 
 
 def initialize_engine(model: nn.Module, optimizer: torch.optim.Optimizer | None,

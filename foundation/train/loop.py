@@ -6,6 +6,9 @@ A non-finite loss (on any rank: the ranks agree through one all-reduce) skips th
 backward, so no NaN reaches a gradient or a weight; it is counted and the next batch is taken.
 ``train.max_nonfinite_in_row`` of them in a row raise :class:`NonFiniteLossError` without saving, so the
 last checkpoint stays the last good state.
+
+A stop signal (:mod:`foundation.train.signals`) ends the loop after the step in progress: it saves a checkpoint
+(unless that step just saved one) and returns with ``state.stopped`` set.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ class LoopState:
     iteration: int = 0
     nonfinite_total: int = 0
     nonfinite_in_row: int = 0
+    stopped: bool = False  # ended early by a stop signal (not saved in checkpoints)
 
     def state_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "stopped"}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, int]) -> LoopState:
@@ -67,6 +71,7 @@ class LoopParts:
     max_nonfinite_in_row: int
     data_state: Callable[[], Mapping[str, Any] | None] = lambda: None
     pictures: Callable[[int], None] | None = None
+    stop: Callable[[torch.device], bool] | None = None  # a collective: whether any rank was asked to stop
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -152,7 +157,14 @@ def train_loop(parts: LoopParts, state: LoopState, total_iters: int) -> LoopStat
             parts.logger.scalars(state.iteration, scalars)
         if parts.pictures is not None and parts.image_every > 0 and state.iteration % parts.image_every == 0:
             parts.pictures(state.iteration)
-        if _due(state.iteration, parts.checkpoint_every, last):
+        saved = _due(state.iteration, parts.checkpoint_every, last)
+        if saved:
             parts.checkpointer.save(state.iteration, state.state_dict(), parts.data_state())
+        if not last and parts.stop is not None and parts.stop(parts.device):
+            if not saved:
+                parts.checkpointer.save(state.iteration, state.state_dict(), parts.data_state())
+            parts.logger.message(f"stop signal: saved step {state.iteration} and stopped")
+            state.stopped = True
+            break
     parts.logger.flush()
     return state

@@ -56,6 +56,10 @@ class EMATeacher(ABC):
     def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore what :meth:`local_state` returned on this rank."""
 
+    def load_full_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore the whole fp32 teacher (any world size; each rank keeps its own part at ZeRO-3)."""
+        self.load_local_state(state)
+
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole teacher on the CPU in fp32 (a collective at ZeRO-3: call it on every rank)."""
@@ -147,6 +151,27 @@ class PartitionedTeacher(EMATeacher):
                 p.ds_tensor.copy_(shard)
             for name, b in buffers:
                 b.copy_(state[f"buffer.{name}"])
+
+    def load_full_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Cut each full tensor as DeepSpeed partitions it (flattened, padded to a multiple of the world size,
+        equal slices in rank order) and keep this rank's slice."""
+        import torch.distributed as dist
+
+        params = self._named_params()
+        buffers = list(self.module.named_buffers())
+        _check_keys(state, [n for n, _ in params] + [n for n, _ in buffers], "full teacher state")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        with torch.no_grad():
+            for name, p in params:
+                full = state[name].reshape(-1).float()
+                if full.numel() != p.ds_numel:
+                    raise ValueError(f"teacher {name}: {full.numel()} elements saved, {p.ds_numel} here")
+                per_rank = p.ds_tensor.numel()
+                padded = torch.zeros(per_rank * world, dtype=full.dtype)
+                padded[: full.numel()] = full
+                p.ds_tensor.copy_(padded[rank * per_rank:(rank + 1) * per_rank])
+            for name, b in buffers:
+                b.copy_(state[name])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters

@@ -20,22 +20,32 @@ import torch
 
 from foundation.config import ConfigError, to_dict
 from foundation.objectives.base import Objective
-from foundation.train.checkpoint import Checkpointer
+from foundation.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    RunIdentity,
+    check_compatible,
+    read_marker,
+    resolve_resume,
+)
 from foundation.train.engine import (
     DistInfo,
     autocast_dtype,
     build_optimizer,
+    container_parameters,
     deepspeed_config,
     enable_activation_checkpointing,
     global_batch_size,
     initialize_engine,
     micro_batch_size,
+    register_container_parameters,
     validate_engine_config,
 )
 from foundation.train.logging import RunLogger
 from foundation.train.loop import LoopParts, LoopState, train_loop
 from foundation.train.metrics import WindowMeter
 from foundation.train.schedules import Schedules
+from foundation.train.signals import StopRequest
 from foundation.train.teacher import EMATeacher, init_teacher_weights, wrap_teacher
 from foundation.train.visuals import CapturingIterator, PictureMaker
 from stain.vocabulary import StainVocabulary
@@ -93,6 +103,18 @@ def _write_run_info(directory: Path, ds_config: Mapping[str, Any]) -> None:
     (directory / DEEPSPEED_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
 
 
+def find_resume(cfg: Any, directory: Path) -> Path | None:
+    """The checkpoint ``train.resume`` names (see :func:`~foundation.train.checkpoint.resolve_resume`), checked
+    for completeness before anything is built; every rank resolves it alike from the shared folder."""
+    try:
+        found = resolve_resume(directory, str(cfg.train.resume))
+        if found is not None:
+            check_compatible(found, read_marker(found), to_dict(cfg), None)
+        return found
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from err
+
+
 @dataclass
 class TrainResult:
     """The finished run: loop state, the engine (student) and the EMA teacher, for export and checks."""
@@ -122,7 +144,14 @@ def run_training(cfg: Any, objective: Objective, param_groups: Sequence[Mapping[
                  global_batch_size(cfg, dist.world_size), micro_batch_size(cfg), int(cfg.train.grad_accum_steps),
                  dist.world_size, lr.peak, ds_config["zero_optimization"]["stage"], cfg.train.precision)
 
+    resume_dir = find_resume(cfg, out_dir / CHECKPOINT_DIR)
+    if resume_dir is not None and read_marker(resume_dir).get("universal"):
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     teacher_module = objective.build_teacher()
+    identity = RunIdentity(to_dict(cfg), {n: list(p.shape) for n, p in objective.named_parameters()},
+                           int(ds_config["zero_optimization"]["stage"]),
+                           {n: list(p.shape) for n, p in teacher_module.named_parameters()}
+                           if teacher_module is not None else None)
     pairs = objective.teacher_pairs(teacher_module) if teacher_module is not None else []
     init_teacher_weights(pairs)
     if bool(cfg.train.activation_checkpointing):
@@ -130,19 +159,24 @@ def run_training(cfg: Any, objective: Objective, param_groups: Sequence[Mapping[
     optimizer = build_optimizer(param_groups, cfg, dist.device)
     engine = initialize_engine(objective, optimizer, ds_config)
     teacher = wrap_teacher(teacher_module, pairs, ds_config, dist.device) if teacher_module is not None else None
+    zero3_gathered: list[torch.nn.Parameter] = []
+    if ds_config["zero_optimization"]["stage"] == 3:
+        modules = [objective, *([teacher.module] if teacher is not None else [])]
+        register_container_parameters(objective, *modules)
+        zero3_gathered = [p for m in modules for p in container_parameters(m)]
     # Model init used the shared seed; from here each rank draws its own randomness (drop path, token dropout).
     seed_everything(int(cfg.meta.seed) + dist.rank)
 
     checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, engine, teacher, dist.rank, dist.world_size,
-                                keep=int(cfg.train.keep_checkpoints))
+                                keep=int(cfg.train.keep_checkpoints), keep_every=int(cfg.train.keep_checkpoints_every),
+                                identity=identity)
     state = LoopState()
-    tag = checkpointer.latest_tag() if bool(cfg.train.resume) else None
-    if tag is not None:
-        restored = checkpointer.load(tag)
+    if resume_dir is not None:
+        restored = checkpointer.load(resume_dir)
         state = LoopState.from_state_dict(restored["trainer"])
         if restored["data"] is not None and hasattr(data, "load_state_dict"):
             data.load_state_dict(restored["data"])
-        log.info("resumed from %s at step %d", checkpointer.directory / tag, state.iteration)
+        log.info("resumed from %s at step %d", resume_dir, state.iteration)
 
     total = int(cfg.train.iterations)
     logger = RunLogger(out_dir, dist.rank == 0, total, state.iteration, bool(cfg.train.progress_bar))
@@ -152,7 +186,8 @@ def run_training(cfg: Any, objective: Objective, param_groups: Sequence[Mapping[
     if int(cfg.train.image_every) > 0:
         pictures = PictureMaker(engine, teacher.module if teacher is not None else None, capture, logger,
                                 StainVocabulary.from_config(cfg.get("stain")), list(cfg.data.crops.mean),
-                                list(cfg.data.crops.std), out_dir, dist.rank, dist.device, compute_dtype)
+                                list(cfg.data.crops.std), out_dir, dist.rank, dist.device, compute_dtype,
+                                gather=zero3_gathered)
     parts = LoopParts(
         engine=engine, teacher=teacher, data=capture, schedules=schedules, logger=logger,
         meter=WindowMeter(dist.device, dist.world_size, global_batch_size(cfg, dist.world_size)),
@@ -164,7 +199,12 @@ def run_training(cfg: Any, objective: Objective, param_groups: Sequence[Mapping[
         pictures=pictures,
     )
     try:
-        state = train_loop(parts, state, total)
+        if bool(cfg.train.stop_on_signal):
+            with StopRequest() as stop:
+                parts.stop = stop.requested
+                state = train_loop(parts, state, total)
+        else:
+            state = train_loop(parts, state, total)
     finally:
         logger.close()
     return TrainResult(state, engine, teacher, checkpointer.directory)
