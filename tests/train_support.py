@@ -306,3 +306,125 @@ def resilience_run(rank: int, base: str, stage: int, result_path: str) -> None:
     out["uninterrupted_position"] = loader.position
     if rank == 0:
         torch.save(out, result_path)
+
+
+REAL_TILES = "tiles/stain_he_vs_ihc"  # under the shared data folder: HE/*.png, IHC/*.png (224 px)
+
+
+class RealTileLoader:
+    """Batch-contract dicts cut from the real H&E and IHC tiles of the shared data (no DALI, for trainer tests).
+
+    Global crops: each tile resized to ``size`` and its mirror image; local crops: two quadrants at half size;
+    iBOT masks from the data package's generator. ``fixed``: the same batch forever (for overfitting).
+    """
+
+    def __init__(self, data_dir: Path, cfg: Any, rank: int, world_size: int, fixed: bool = False) -> None:
+        import numpy as np
+        from PIL import Image
+
+        from stain.vocabulary import StainVocabulary
+
+        vocab = StainVocabulary()
+        size = int(cfg.data.crops.global_size)
+        mean = torch.tensor(list(cfg.data.crops.mean)).view(3, 1, 1)
+        std = torch.tensor(list(cfg.data.crops.std)).view(3, 1, 1)
+        images, stains = [], []
+        for stain in ("HE", "IHC"):
+            for path in sorted((data_dir / REAL_TILES / stain).glob("*.png")):
+                rgb = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
+                images.append((torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 255 - mean) / std)
+                stains.append(vocab.stain_id(stain))
+        self.images = torch.stack(images)
+        self.stains = torch.tensor(stains)
+        self.cfg = cfg
+        self.rank, self.world_size, self.fixed = rank, world_size, fixed
+        self.batch_size = int(cfg.data.pipeline.batch_size)
+        self.patch = int(cfg.model.patch_size)
+        self.position = 0
+
+    def __iter__(self) -> RealTileLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        import numpy as np
+
+        from foundation.data.masking import ibot_masks
+
+        step = 0 if self.fixed else self.position
+        g = torch.Generator().manual_seed(step * self.world_size + self.rank)
+        pick = torch.randperm(len(self.images), generator=g)[: self.batch_size]
+        tiles = self.images[pick]
+        half = tiles.shape[-1] // 2
+        grid = (tiles.shape[-1] // self.patch,) * 2
+        masks = ibot_masks(2, self.batch_size, grid, np.random.default_rng([step, self.rank]), self.cfg.data.masking)
+        self.position += 1
+        return {
+            "global_crops": torch.stack([tiles, tiles.flip(-1)]),
+            "local_crops": torch.stack([tiles[..., :half, :half], tiles[..., half:, half:]]),
+            "masks": masks,
+            "stain_ids": self.stains[pick],
+            "marker_ids": torch.zeros(self.batch_size, dtype=torch.long),
+        }
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.position = int(state["position"])
+
+
+def real_overrides(out_dir: str, stage: int, objective: str, iterations: int, **extra: Any) -> list[str]:
+    """A vit_test run of a real objective on 64 px real tiles, small heads (extra: ``key=value``)."""
+    items = {
+        "meta.output_dir": out_dir, "deepspeed": f"zero{stage}", "model": "vit_test", "objective": objective,
+        "data.pipeline.batch_size": 4, "data.crops.global_size": 64, "data.crops.local_size": 32,
+        "objective.dino.head_n_prototypes": 256, "objective.dino.head_hidden_dim": 64,
+        "objective.dino.head_bottleneck_dim": 32, "objective.mae.decoder_embed_dim": 32,
+        "objective.mae.decoder_depth": 1, "objective.mae.decoder_num_heads": 2,
+        "train.iterations": iterations, "train.log_every": 1, "train.image_every": iterations,
+        "train.image_count": 2, "train.checkpoint_every": 0, "train.progress_bar": False,
+        "train.freeze_last_layer_iters": 1, "train.lr_scaling": "none",
+        "train.schedules.lr": "{start: 0.0, peak: 1.0e-3, end: 1.0e-4, warmup_iters: 1}", **extra,
+    }
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def objectives_run(rank: int, data_dir: str, base: str, stage: int, result_path: str, overfit_steps: int) -> None:
+    """iBOT and MAE for a few steps at ``stage`` (and, if ``overfit_steps``, MAE on one fixed batch)."""
+    import json
+
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from foundation.config import load_config
+    from foundation.models.param_groups import param_groups
+    from foundation.objectives import build_objective
+    from foundation.train import trainer
+    from foundation.train.engine import init_distributed
+
+    dist = init_distributed()
+    runs = [("ibot", 3, False), ("mae", 3, False)]
+    if overfit_steps:
+        runs.append(("mae", overfit_steps, True))
+    out: dict[str, Any] = {}
+    for objective_name, steps, fixed in runs:
+        name = f"{objective_name}_overfit" if fixed else objective_name
+        run_dir = Path(base) / name
+        extra = {"train.image_every": 0, "objective.mae.norm_pix_loss": False,
+                 "train.schedules.lr": "{start: 2.0e-3, peak: 2.0e-3, end: 2.0e-3, warmup_iters: 0}"} if fixed else {}
+        if stage == 3:  # no persistent weights: every ViT token must be gathered by the trainer's registration
+            extra["deepspeed.zero_optimization.stage3_param_persistence_threshold"] = 0
+        cfg = load_config(overrides=real_overrides(str(run_dir), stage, objective_name, steps, **extra))
+        trainer.seed_everything(int(cfg.meta.seed))
+        objective = build_objective(cfg)
+        init = {n: p.detach().clone() for n, p in objective.named_parameters()}
+        loader = RealTileLoader(Path(data_dir), cfg, rank, dist.world_size, fixed=fixed)
+        result = trainer.run_training(cfg, objective, param_groups(objective, cfg), loader, dist)
+        teacher = result.teacher.full_state_dict() if result.teacher is not None else None
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+            if rank == 0 else []
+        moved = [n for n, p in objective.named_parameters()
+                 if not torch.equal(safe_get_full_fp32_param(p).float().cpu(), init[n].float())]
+        out[name] = {"state": result.state.state_dict(), "rows": rows, "teacher_keys": sorted(teacher or {}),
+                     "moved": len(moved), "params": len(init), "dir": str(run_dir)}
+    if rank == 0:
+        torch.save(out, result_path)

@@ -129,7 +129,8 @@ class PictureMaker:
 
     def __init__(self, engine: Any, teacher_module: torch.nn.Module | None, capture: CapturingIterator,
                  logger: RunLogger, vocab: StainVocabulary, mean: Sequence[float], std: Sequence[float],
-                 run_dir: Path, rank: int, device: torch.device, compute_dtype: torch.dtype | None) -> None:
+                 run_dir: Path, rank: int, device: torch.device, compute_dtype: torch.dtype | None,
+                 gather: Sequence[torch.nn.Parameter] = ()) -> None:
         self.engine = engine
         self.teacher_module = teacher_module
         self.capture = capture
@@ -140,6 +141,7 @@ class PictureMaker:
         self.rank = rank
         self.device = device
         self.compute_dtype = compute_dtype
+        self.gather = list(gather)  # ZeRO-3: parameters no module hook gathers outside the engine's forward
         self._batch: dict[str, torch.Tensor] | None = None
 
     def _fixed_batch(self) -> dict[str, torch.Tensor]:
@@ -156,14 +158,16 @@ class PictureMaker:
         return self._batch
 
     def __call__(self, iteration: int) -> None:
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
         batch = self._fixed_batch()
         module = self.engine.module
         was_training = module.training
         self.engine.eval()
         try:
             dtype = self.compute_dtype
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype or torch.float32,
-                                                 enabled=dtype is not None):
+            with torch.no_grad(), GatheredParameters(self.gather, modifier_rank=None, enabled=bool(self.gather)), \
+                    torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 pictures = module.pictures(batch, self.teacher_module)
         finally:
             self.engine.train(was_training)
