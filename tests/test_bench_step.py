@@ -50,3 +50,21 @@ def test_both_sides_compute_the_same_finite_loss(result: dict) -> None:
         assert row["losses_finite"], row
         # same weights, batch and random draws at step 0 in fp32: the same mathematics gives the same loss
         assert row["loss_step0_abs_diff"] <= 1e-5 * max(1.0, abs(row["ref_loss_step0"])), row
+
+
+@pytest.mark.gpu
+def test_step_bench_on_the_gpu(tmp_path: Path) -> None:
+    """On a GPU: bf16, fused AdamW, ZeRO-1 and ZeRO-3, GEMM and peak memory from the device."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out = tmp_path / "step.json"
+    cmd = [sys.executable, "-m", "foundation", "bench", "step", "--config", "benchmarks/step_cpu.yaml",
+           "--objective", "ibot", "mae", "--zero", "1", "3", "--out", str(out), "bench.step.gemm_size=2048"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["environment"]["gpu"] and result["gemm"]["tflops"] > 1
+    for row in result["results"]:
+        assert row["losses_finite"] and row["ours_peak_gb"] > 0 and 0 < row["ours_mfu"] < 1, row
+        assert abs(row["ours_loss_step0"] - row["ref_loss_step0"]) < 0.05 * abs(row["ref_loss_step0"]), row
