@@ -17,7 +17,8 @@ PLAT=(--python-version 3.12 --implementation cp --abi cp312 --platform manylinux
       --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
       --only-binary=:all:)
 # What the GPU machine lacks. Essentials first: enough for `foundation bench step` and the GPU tests of the trainer.
-ESSENTIAL=(hjson msgpack ninja psutil py-cpuinfo "pydantic>=2" einops tqdm packaging omegaconf pyyaml safetensors)
+ESSENTIAL=(hjson msgpack ninja psutil py-cpuinfo "pydantic>=2" einops tqdm packaging omegaconf pyyaml safetensors
+           pytest pytest-timeout)
 DATA=(tifffile imagecodecs openslide-python openslide-bin pydicom pyarrow scikit-image scipy lazy-loader click
       scikit-learn tensorboard "cucim-cu13==26.10.0")
 DALI=("nvidia-dali-cuda130==2.4.0" nvidia-nvimgcodec-cu13 nvidia-libnvcomp-cu13 nvidia-nvjpeg nvidia-nvjpeg2k-cu13

@@ -18,6 +18,7 @@ import gc
 import itertools
 import logging
 import math
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -225,11 +226,14 @@ def run(args: argparse.Namespace) -> int:
     for cfg in cfgs:
         try:
             rows.append(bench_one(cfg, dist, gemm, compile_))
-        except torch.OutOfMemoryError as err:  # one size too big must not lose the others
+        except Exception as err:  # one failing configuration (out of memory, a ZeRO-3 bug) must not lose the others
+            log.exception("configuration failed")
             rows.append({"name": f"{cfg.objective.name} {cfg.defaults.model} b{cfg.data.pipeline.batch_size} "
-                                 f"z{cfg.deepspeed.zero_optimization.stage}", "error": repr(err)[:300]})
+                                 f"z{cfg.deepspeed.zero_optimization.stage}", "error": repr(err)[:300],
+                         "traceback": traceback.format_exc()[-2000:]})
             gc.collect()
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if dist.rank == 0:
             log.info("%s", {k: v for k, v in rows[-1].items() if not k.endswith("repeats")})
     if dist.rank == 0:
@@ -242,5 +246,8 @@ def run(args: argparse.Namespace) -> int:
             write_tensorboard(args.tensorboard, rows, "name")
         print(f"GEMM {gemm_size}^3 {base.gemm_dtype}: {gemm:.3g} TFLOP/s on {payload['environment']['gpu'] or 'cpu'}")
         print(table(rows, COLUMNS))
+        for row in rows:
+            if "error" in row:
+                print(f"FAILED {row['name']}: {row['error']}")
         print(f"JSON: {args.out}")
-    return 0
+    return 1 if any("error" in row for row in rows) else 0
