@@ -428,3 +428,66 @@ def objectives_run(rank: int, data_dir: str, base: str, stage: int, result_path:
                      "moved": len(moved), "params": len(init), "dir": str(run_dir)}
     if rank == 0:
         torch.save(out, result_path)
+
+
+class HalvesLoader:
+    """Each batch of ``inner`` as two micro-batches (first half, then second half of the samples)."""
+
+    def __init__(self, inner: SyntheticLoader) -> None:
+        self.inner = inner
+        self._pending: dict[str, torch.Tensor] | None = None
+
+    def __iter__(self) -> HalvesLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._pending is not None:
+            out, self._pending = self._pending, None
+            return out
+        batch = next(self.inner)
+        half = batch["stain_ids"].shape[0] // 2
+        crop_keys = ("global_crops", "local_crops", "masks")
+        first = {k: v[:, :half] if k in crop_keys else v[:half] for k, v in batch.items()}
+        self._pending = {k: v[:, half:] if k in crop_keys else v[half:] for k, v in batch.items()}
+        return first
+
+
+def accumulation_run(rank: int, base: str, result_path: str) -> None:
+    """fp32 ZeRO-1: batch 4 without accumulation vs the same samples as 2 micro-batches of 2; then fp16 steps."""
+    import json
+
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from foundation.config import load_config
+    from foundation.train import trainer
+    from foundation.train.engine import init_distributed
+
+    dist = init_distributed()
+    out: dict[str, Any] = {}
+    cases = {
+        "whole": ({"train.precision": "fp32"}, 4, False),
+        "accumulated": ({"train.precision": "fp32", "train.grad_accum_steps": 2}, 2, True),
+        # a first loss scale of 2**8 instead of 2**16: 4 steps are then enough to see applied and skipped ones
+        "fp16": ({"train.precision": "fp16", "deepspeed.fp16.initial_scale_power": 8}, 4, False),
+        # the default first scale 2**16 overflows fp16 on every one of these early, large gradients
+        "fp16_overflow": ({"train.precision": "fp16"}, 4, False),
+    }
+    for name, (extra, batch, halves) in cases.items():
+        run_dir = Path(base) / name
+        cfg = load_config(overrides=tiny_overrides(str(run_dir), 1, 4, **{"data.pipeline.batch_size": batch,
+                                                                          "train.image_every": 0,
+                                                                          "train.log_every": 1, **extra}))
+        trainer.seed_everything(int(cfg.meta.seed))
+        objective = TinyObjective(seed=int(cfg.meta.seed))
+        inner = SyntheticLoader(4, rank)
+        loader = HalvesLoader(inner) if halves else inner
+        result = trainer.run_training(cfg, objective, tiny_param_groups(objective), loader, dist)
+        out[name] = {
+            "student": {n: safe_get_full_fp32_param(p).float().cpu() for n, p in objective.named_parameters()},
+            "teacher": result.teacher.full_state_dict(), "state": result.state.state_dict(),
+            "position": inner.position,
+            "rows": [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            if rank == 0 else [],
+        }
+    if rank == 0:
+        torch.save(out, result_path)

@@ -154,6 +154,8 @@ def train_loop(parts: LoopParts, state: LoopState, total_iters: int) -> LoopStat
             scalars = parts.meter.reduce()
             scalars.update({f"schedule/{k}": v for k, v in values.items()})
             scalars["health/nonfinite_losses"] = float(state.nonfinite_total)
+            # fp16: steps DeepSpeed's loss scaler skipped on gradient overflow (0 in bf16/fp32)
+            scalars["health/overflow_skipped_steps"] = float(parts.engine.skipped_steps)
             parts.logger.scalars(state.iteration, scalars)
         if parts.pictures is not None and parts.image_every > 0 and state.iteration % parts.image_every == 0:
             parts.pictures(state.iteration)
