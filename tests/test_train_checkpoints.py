@@ -128,20 +128,21 @@ def test_export_loads_in_timm_strictly_and_gives_the_teachers_features(exact, tm
 # ------------------------------------------------------------------------------- another world size
 @pytest.fixture(scope="module")
 def resharded(exact, tmp_path_factory):
-    """2 -> 1: the zero1 run's step 2 on one rank (batch 4); 1 -> 2: a one-rank run's step 2 on two ranks."""
+    """2 -> 1: the zero1 run's step 2 on one rank (batch 4); 1 -> 2: a one-rank run's (batch 4) step 2 on two."""
     base = tmp_path_factory.mktemp("reshard")
     source = exact["zero1-ibot"]["base"] / "full" / "checkpoints" / "step_00000002"
     assert main(["checkpoint", "universal", str(source), "--out", str(base / "u21")]) == 0
-    one = overrides(str(base / "one"), "ibot", 1, 2, 4)
+    one = overrides(str(base / "one"), "ibot", 1, T, 4)
     spawn_jobs(1, [{"args": [*overrides(str(base / "r21"), "ibot", 1, T, 4), f"train.resume={base / 'u21'}"]},
                    {"args": one}], str(base / "c.pt"))
-    assert main(["checkpoint", "universal", str(base / "one"), "--out", str(base / "u12")]) == 0
+    step2 = base / "one" / "checkpoints" / "step_00000002"
+    assert main(["checkpoint", "universal", str(step2), "--out", str(base / "u12")]) == 0
     spawn_jobs(2, [{"args": [*overrides(str(base / "r12"), "ibot", 1, T, 2), f"train.resume={base / 'u12'}"]}],
                str(base / "d.pt"))
     c, d = _load(base / "c.pt"), _load(base / "d.pt")
     consumed12 = _load(f"{base / 'd.pt'}.rank0")[0] + _load(f"{base / 'd.pt'}.rank1")[0]
     return {"base": base, "r21": c[0], "one": c[1], "r12": d[0], "consumed12": consumed12,
-            "full": exact["zero1-ibot"]["full"], "full_dir": exact["zero1-ibot"]["base"] / "full"}
+            "full_dir": {"r21": exact["zero1-ibot"]["base"] / "full", "r12": base / "one"}}
 
 
 def _losses(run_dir):
@@ -154,18 +155,20 @@ def test_other_world_size_continues_the_global_order_and_the_loss(resharded, dir
     consumed = run["consumed"] if direction == "r21" else resharded["consumed12"]
     assert sorted(consumed) == list(range(8, 4 * T))  # no sample of the global order repeated or skipped
     assert run["state"]["iteration"] == T and run["position"] == 4 * T
-    # same global batches as the 2-rank run from step 2 on: the losses continue (bf16 reductions differ)
-    reference = _losses(resharded["full_dir"])
+    # the same global batches as the source run (same global batch size) from step 2 on: the losses continue
+    # where the source run's did (bf16 reductions and per-rank stain-token dropout differ)
+    reference = _losses(resharded["full_dir"][direction])
     losses = _losses(resharded["base"] / direction)
     assert sorted(losses) == [3, 4, 5]
     for step, loss in losses.items():
-        assert loss == pytest.approx(reference[step], rel=2e-2), step
+        # the first resumed step runs on the restored weights; later ones drift with the per-rank randomness
+        assert loss == pytest.approx(reference[step], rel=2e-2 if step == 3 else 6e-2), step
     # (parameters are not compared: per-rank RNG (stain-token dropout) cannot carry over to another world size)
 
 
 def test_universal_teacher_is_the_reassembled_teacher(resharded):
     saved = torch.load(resharded["base"] / "u21" / "teacher" / "full.pt", weights_only=True)
-    step2 = resharded["full_dir"] / "checkpoints" / "step_00000002" / "teacher" / "full.pt"
+    step2 = resharded["full_dir"]["r21"] / "checkpoints" / "step_00000002" / "teacher" / "full.pt"
     for name, value in torch.load(step2, weights_only=True).items():
         assert torch.equal(saved[name], value), name
 
