@@ -26,6 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# images/s are per rank (batch per rank / step time); ours_images_per_s_all_ranks in the JSON sums the ranks.
 COLUMNS = (("name", "config"), ("ours_images_per_s", "ours img/s"), ("ref_images_per_s", "ref img/s"),
            ("ratio", "ours/ref"), ("gflop_per_image", "GFLOP/img"), ("ours_tflops", "ours TFLOP/s"),
            ("ours_mfu", "ours MFU"), ("ref_mfu", "ref MFU"), ("ours_peak_gb", "ours GB"), ("ref_peak_gb", "ref GB"))
@@ -187,6 +188,7 @@ def bench_one(cfg: Any, dist: Any, gemm: float, compile_: bool) -> dict[str, Any
         "ours_step_s": ours_s, "ref_step_s": ref_s, "ours_step_s_repeats": ours_times,
         "ref_step_s_repeats": ref_times,
         "ours_images_per_s": samples / ours_s, "ref_images_per_s": samples / ref_s, "ratio": ref_s / ours_s,
+        "ours_images_per_s_all_ranks": samples * dist.world_size / ours_s,
         "flops_per_step": flops, "gflop_per_image": flops / samples / 1e9,
         "ours_tflops": flops / ours_s / 1e12, "ref_tflops": flops / ref_s / 1e12,
         "ours_mfu": flops / ours_s / 1e12 / gemm, "ref_mfu": flops / ref_s / 1e12 / gemm,
@@ -195,7 +197,8 @@ def bench_one(cfg: Any, dist: Any, gemm: float, compile_: bool) -> dict[str, Any
         "ours_mean_loss": ours_mean, "ref_last_loss": ref_last,
         "losses_finite": all(math.isfinite(v) for v in (ours_loss0, ref_loss0, ours_mean, ref_last)),
     }
-    row["name"] = f"{row['objective']} {row['model']} b{samples} z{row['zero']} {row['precision']}"
+    ranks = f"x{dist.world_size}" if dist.world_size > 1 else ""
+    row["name"] = f"{row['objective']} {row['model']} b{samples}{ranks} z{row['zero']} {row['precision']}"
     return row
 
 
