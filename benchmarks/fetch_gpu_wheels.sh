@@ -34,7 +34,7 @@ resolve() {  # $1: folder, rest: requirements; binaries for cp312 manylinux, wit
   fi
 }
 
-mkdir -p "$DEST/essential" "$DEST/data" "$DEST/dali"
+[[ -n "${DRY_RUN:-}" ]] || mkdir -p "$DEST/essential" "$DEST/data" "$DEST/dali"
 # deepspeed is source-only; its requirements (torch excluded) are in ESSENTIAL.
 if [[ -z "${DRY_RUN:-}" ]]; then
   "$PY" -m pip download -d "$DEST/essential" --no-deps --no-binary :all: "deepspeed==0.19.8"
