@@ -8,7 +8,7 @@ It runs the same commands a user would type, in order, and stops at the first th
 4. ``foundation export DIR/run DIR/encoder``             the teacher backbone as timm weights
 
 The preset defaults to ``cpu_smoke`` (a tiny ViT, a few minutes on a 2-core CPU); on a machine with a GPU the
-data pipeline and the model move there (``data.pipeline.device=gpu``). Extra ``key=value`` arguments go to
+data pipeline and the model move there (``data.pipeline.device=gpu``, bf16). Extra ``key=value`` arguments go to
 ``train``.
 """
 
@@ -46,7 +46,7 @@ def steps(args: argparse.Namespace) -> list[list[str]]:
         return commands
     train = ["train", "--config", args.preset, "--index", str(index), f"meta.output_dir={run}"]
     if _gpu_available():
-        train.append("data.pipeline.device=gpu")
+        train += ["data.pipeline.device=gpu", "train.precision=bf16"]
     commands.append([*train, *args.overrides])
     commands.append(["export", str(run), str(encoder)])
     return commands
