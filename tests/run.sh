@@ -5,6 +5,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash install.sh || { echo "install failed" >&2; exit 1; }
 command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR=cpu
+# One ninja for every process (tests spawn launchers from .venv/bin): a different ninja makes DeepSpeed rebuild its
+# JIT ops in ~/.cache/torch_extensions (70-115 s each time).
+export PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
