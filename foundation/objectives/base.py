@@ -109,6 +109,12 @@ class Objective(nn.Module, ABC):
         """The teacher's encoder inside the module returned by :meth:`build_teacher`."""
         return teacher.backbone
 
+    @staticmethod
+    def teacher_head(teacher: nn.Module) -> nn.Module | None:
+        """The teacher's prototype head (CLS -> logits softmaxed at ``teacher_temp``), or ``None`` (the default:
+        no such head). The in-training monitor reads its entropy."""
+        return None
+
     @torch.no_grad()
     def pictures(self, batch: Batch, teacher: nn.Module | None) -> dict[str, torch.Tensor]:
         """Images for logging, computed on ``global_crops[0]``: name -> ``[B, C, H, W]`` float.

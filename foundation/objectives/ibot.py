@@ -98,6 +98,10 @@ class IBOT(Objective):
     def teacher_pairs(self, teacher: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
         return ema_pairs(self.student, teacher)
 
+    @staticmethod
+    def teacher_head(teacher: nn.Module) -> nn.Module:
+        return getattr(teacher, "module", teacher)["dino_head"]
+
     def param_group_tags(self, name: str) -> dict[str, float | bool]:
         return {"is_last_layer": ".last_layer." in name}
 

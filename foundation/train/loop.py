@@ -1,6 +1,6 @@
 """The training loop: per step, the scheduled values, then per micro-batch one student call (the objective
 runs the teacher inside it), one loss, one backward, one ``engine.step``; then the EMA update, logs,
-pictures and checkpoints.
+pictures, the kNN monitor (every ``eval.monitor.every`` steps, logged under ``monitor/``) and checkpoints.
 
 A non-finite loss (on any rank: the ranks agree through one all-reduce) skips that micro-batch before its
 backward, so no NaN reaches a gradient or a weight; it is counted and the next batch is taken.
@@ -26,6 +26,7 @@ from foundation.train.checkpoint import Checkpointer
 from foundation.train.engine import apply_schedule
 from foundation.train.logging import RunLogger
 from foundation.train.metrics import WindowMeter
+from foundation.train.monitoring import TrainMonitor
 from foundation.train.schedules import Schedules
 from foundation.train.teacher import EMATeacher
 
@@ -72,6 +73,7 @@ class LoopParts:
     data_state: Callable[[], Mapping[str, Any] | None] = lambda: None
     pictures: Callable[[int], None] | None = None
     stop: Callable[[torch.device], bool] | None = None  # a collective: whether any rank was asked to stop
+    monitor: TrainMonitor | None = None  # the kNN monitor (a collective at ZeRO-3: every rank calls it)
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -150,13 +152,16 @@ def train_loop(parts: LoopParts, state: LoopState, total_iters: int) -> LoopStat
         parts.meter.add_step(time.perf_counter() - step_start, data_seconds, parts.engine.get_global_grad_norm())
         parts.logger.advance()
         last = state.iteration == total_iters
+        monitored = parts.monitor(values) if parts.monitor is not None and parts.monitor.due(state.iteration) else {}
         if _due(state.iteration, parts.log_every, last):
             scalars = parts.meter.reduce()
             scalars.update({f"schedule/{k}": v for k, v in values.items()})
             scalars["health/nonfinite_losses"] = float(state.nonfinite_total)
             # fp16: steps DeepSpeed's loss scaler skipped on gradient overflow (0 in bf16/fp32)
             scalars["health/overflow_skipped_steps"] = float(parts.engine.skipped_steps)
-            parts.logger.scalars(state.iteration, scalars)
+            parts.logger.scalars(state.iteration, {**scalars, **monitored})
+        elif monitored:
+            parts.logger.scalars(state.iteration, monitored)
         if parts.pictures is not None and parts.image_every > 0 and state.iteration % parts.image_every == 0:
             parts.pictures(state.iteration)
         saved = _due(state.iteration, parts.checkpoint_every, last)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from foundation.config import ConfigError, to_dict
+from foundation.eval.monitor import KnnMonitor
 from foundation.objectives.base import Objective
 from foundation.train.checkpoint import (
     Checkpointer,
@@ -44,6 +45,7 @@ from foundation.train.engine import (
 from foundation.train.logging import RunLogger
 from foundation.train.loop import LoopParts, LoopState, train_loop
 from foundation.train.metrics import WindowMeter
+from foundation.train.monitoring import TrainMonitor
 from foundation.train.schedules import Schedules
 from foundation.train.signals import StopRequest
 from foundation.train.teacher import EMATeacher, init_teacher_weights, wrap_teacher
@@ -82,6 +84,9 @@ def validate(cfg: Any) -> None:
     build_schedules(cfg, world_size=1)
     if int(cfg.train.image_every) > 0 and int(cfg.train.image_count) < 1:
         raise ConfigError(f"train.image_count must be >= 1 when train.image_every > 0, got {cfg.train.image_count}")
+    if cfg.eval.monitor.tiles is not None and int(cfg.eval.monitor.every) < 1:
+        raise ConfigError(f"eval.monitor.every must be >= 1 when eval.monitor.tiles is set, "
+                          f"got {cfg.eval.monitor.every}")
 
 
 def check_objective_schedules(objective: Objective, schedules: Schedules) -> None:
@@ -145,6 +150,7 @@ def run_training(cfg: Any, objective: Objective, param_groups: Sequence[Mapping[
                  dist.world_size, lr.peak, ds_config["zero_optimization"]["stage"], cfg.train.precision)
 
     resume_dir = find_resume(cfg, out_dir / CHECKPOINT_DIR)
+    knn = KnnMonitor.from_config(cfg)  # decodes the monitor's tiles (a bad folder fails before any build)
     if resume_dir is not None and read_marker(resume_dir).get("universal"):
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     teacher_module = objective.build_teacher()
@@ -188,6 +194,13 @@ def run_training(cfg: Any, objective: Objective, param_groups: Sequence[Mapping[
                                 StainVocabulary.from_config(cfg.get("stain")), list(cfg.data.crops.mean),
                                 list(cfg.data.crops.std), out_dir, dist.rank, dist.device, compute_dtype,
                                 gather=zero3_gathered)
+    monitor = None
+    if knn is not None:
+        monitor = TrainMonitor(knn, int(cfg.eval.monitor.every), engine,
+                               teacher.module if teacher is not None else None, compute_dtype, dist.device,
+                               gather=zero3_gathered)
+        if dist.rank == 0:
+            log.info("kNN monitor: %d tiles of %s every %d steps", len(knn), cfg.eval.monitor.tiles, monitor.every)
     parts = LoopParts(
         engine=engine, teacher=teacher, data=capture, schedules=schedules, logger=logger,
         meter=WindowMeter(dist.device, dist.world_size, global_batch_size(cfg, dist.world_size)),
@@ -196,7 +209,7 @@ def run_training(cfg: Any, objective: Objective, param_groups: Sequence[Mapping[
         checkpoint_every=int(cfg.train.checkpoint_every), image_every=int(cfg.train.image_every),
         max_nonfinite_in_row=int(cfg.train.max_nonfinite_in_row),
         data_state=(lambda: data.state_dict()) if hasattr(data, "state_dict") else (lambda: None),
-        pictures=pictures,
+        pictures=pictures, monitor=monitor,
     )
     try:
         if bool(cfg.train.stop_on_signal):
