@@ -19,7 +19,7 @@ from foundation.models import cfgutil
 from foundation.models.backbone import StainViT, build_backbone
 from foundation.models.heads import ProjectionMLP
 from foundation.objectives.base import Batch, Objective, validate_batch
-from foundation.objectives.teacher import Teacher, ema_pairs
+from foundation.objectives.teacher import EMATeacherMixin
 from stain.vocabulary import StainVocabulary
 
 
@@ -37,7 +37,7 @@ def byol_loss(online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (2.0 - 2.0 * cos).masked_fill(same_view, 0.0).sum() / n_pairs
 
 
-class BYOL(Objective):
+class BYOL(EMATeacherMixin, Objective):
     """BYOL with the stain-token backbone; the teacher tracks backbone + projector."""
 
     required_batch_keys = ("global_crops", "local_crops", "stain_ids", "marker_ids")
@@ -60,12 +60,6 @@ class BYOL(Objective):
 
     def backbone(self) -> StainViT:
         return self.student["backbone"]
-
-    def build_teacher(self) -> Teacher:
-        return Teacher(self.student)
-
-    def teacher_pairs(self, teacher: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        return ema_pairs(self.student, teacher)
 
     def forward(self, batch: Batch, teacher: nn.Module | None,
                 step_values: Mapping[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -33,7 +33,7 @@ from foundation.objectives.losses import (
     masked_patch_cross_entropy,
     sinkhorn_knopp,
 )
-from foundation.objectives.teacher import Teacher, ema_pairs
+from foundation.objectives.teacher import EMATeacherMixin
 from stain.vocabulary import StainVocabulary
 
 CENTERINGS = ("centering", "sinkhorn_knopp")
@@ -50,7 +50,7 @@ class Groups(NamedTuple):
     ids_keep: list[torch.Tensor | None]
 
 
-class IBOT(Objective):
+class IBOT(EMATeacherMixin, Objective):
     """iBOT / DINOv2 objective with stain tokens (see the module docstring)."""
 
     required_batch_keys = ("global_crops", "local_crops", "masks", "stain_ids", "marker_ids")
@@ -91,12 +91,6 @@ class IBOT(Objective):
     # ------------------------------------------------------------------------------ interface parts
     def backbone(self) -> StainViT:
         return self.student["backbone"]
-
-    def build_teacher(self) -> Teacher:
-        return Teacher(self.student)
-
-    def teacher_pairs(self, teacher: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        return ema_pairs(self.student, teacher)
 
     @staticmethod
     def teacher_head(teacher: nn.Module) -> nn.Module:

@@ -37,3 +37,15 @@ def ema_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[nn.Parameter
             raise ValueError(f"teacher parameter {name} has shape {list(t_params[name].shape)}, "
                              f"student {list(param.shape)}")
     return [(s_params[name], t_params[name]) for name in s_params]
+
+
+class EMATeacherMixin:
+    """``build_teacher`` / ``teacher_pairs`` for objectives whose EMA teacher tracks all of ``self.student``."""
+
+    student: nn.ModuleDict
+
+    def build_teacher(self) -> Teacher:
+        return Teacher(self.student)
+
+    def teacher_pairs(self, teacher: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        return ema_pairs(self.student, teacher)
