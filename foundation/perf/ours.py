@@ -16,19 +16,16 @@ import torch
 
 from foundation.models.param_groups import param_groups
 from foundation.objectives.base import Objective
+from foundation.train.build import build_engines
 from foundation.train.engine import (
     DistInfo,
     autocast_dtype,
-    build_optimizer,
     deepspeed_config,
-    enable_activation_checkpointing,
     global_batch_size,
-    initialize_engine,
 )
 from foundation.train.loop import LoopParts, LoopState, _micro_steps
 from foundation.train.metrics import WindowMeter
 from foundation.train.schedules import Schedules
-from foundation.train.teacher import init_teacher_weights, wrap_teacher
 
 
 class OurStep:
@@ -37,15 +34,8 @@ class OurStep:
     def __init__(self, objective: Objective, cfg: Any, batch: Mapping[str, torch.Tensor], schedules: Schedules,
                  iteration: int, dist: DistInfo) -> None:
         self.ds_config = deepspeed_config(cfg)
-        teacher_module = objective.build_teacher()
-        pairs = objective.teacher_pairs(teacher_module) if teacher_module is not None else []
-        init_teacher_weights(pairs)
-        if bool(cfg.train.activation_checkpointing):
-            enable_activation_checkpointing(objective.backbone().blocks)
-        optimizer = build_optimizer(param_groups(objective, cfg), cfg, dist.device)
-        self.engine = initialize_engine(objective, optimizer, self.ds_config)
-        self.teacher = wrap_teacher(teacher_module, pairs, self.ds_config, dist.device) \
-            if teacher_module is not None else None
+        engines = build_engines(objective, param_groups(objective, cfg), cfg, self.ds_config, dist)
+        self.engine, self.teacher = engines.engine, engines.teacher
         self.schedules, self.iteration = schedules, iteration
         self.parts = LoopParts(
             engine=self.engine, teacher=self.teacher, data=itertools.repeat(batch), schedules=schedules,

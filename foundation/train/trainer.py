@@ -21,6 +21,7 @@ import torch
 from foundation.config import ConfigError, to_dict
 from foundation.eval.monitor import KnnMonitor
 from foundation.objectives.base import Objective
+from foundation.train.build import build_engines
 from foundation.train.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -32,14 +33,9 @@ from foundation.train.checkpoint import (
 from foundation.train.engine import (
     DistInfo,
     autocast_dtype,
-    build_optimizer,
-    container_parameters,
     deepspeed_config,
-    enable_activation_checkpointing,
     global_batch_size,
-    initialize_engine,
     micro_batch_size,
-    register_container_parameters,
     validate_engine_config,
 )
 from foundation.train.logging import RunLogger
@@ -48,7 +44,7 @@ from foundation.train.metrics import WindowMeter
 from foundation.train.monitoring import TrainMonitor
 from foundation.train.schedules import Schedules
 from foundation.train.signals import StopRequest
-from foundation.train.teacher import EMATeacher, init_teacher_weights, wrap_teacher
+from foundation.train.teacher import EMATeacher
 from foundation.train.visuals import CapturingIterator, PictureMaker
 from stain.vocabulary import StainVocabulary
 
@@ -153,23 +149,11 @@ def run_training(cfg: Any, objective: Objective, param_groups: Sequence[Mapping[
     knn = KnnMonitor.from_config(cfg)  # decodes the monitor's tiles (a bad folder fails before any build)
     if resume_dir is not None and read_marker(resume_dir).get("universal"):
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    teacher_module = objective.build_teacher()
-    identity = RunIdentity(to_dict(cfg), {n: list(p.shape) for n, p in objective.named_parameters()},
-                           int(ds_config["zero_optimization"]["stage"]),
-                           {n: list(p.shape) for n, p in teacher_module.named_parameters()}
-                           if teacher_module is not None else None)
-    pairs = objective.teacher_pairs(teacher_module) if teacher_module is not None else []
-    init_teacher_weights(pairs)
-    if bool(cfg.train.activation_checkpointing):
-        enable_activation_checkpointing(objective.backbone().blocks)
-    optimizer = build_optimizer(param_groups, cfg, dist.device)
-    engine = initialize_engine(objective, optimizer, ds_config)
-    teacher = wrap_teacher(teacher_module, pairs, ds_config, dist.device) if teacher_module is not None else None
-    zero3_gathered: list[torch.nn.Parameter] = []
-    if ds_config["zero_optimization"]["stage"] == 3:
-        modules = [objective, *([teacher.module] if teacher is not None else [])]
-        register_container_parameters(objective, *modules)
-        zero3_gathered = [p for m in modules for p in container_parameters(m)]
+    engines = build_engines(objective, param_groups, cfg, ds_config, dist)
+    engine, teacher, zero3_gathered = engines.engine, engines.teacher, engines.zero3_gathered
+    identity = RunIdentity(to_dict(cfg), {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+                                          for n, p in objective.named_parameters()},
+                           int(ds_config["zero_optimization"]["stage"]), engines.teacher_shapes)
     # Model init used the shared seed; from here each rank draws its own randomness (drop path, token dropout).
     seed_everything(int(cfg.meta.seed) + dist.rank)
 
