@@ -8,6 +8,8 @@ command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR=cpu
 # One ninja for every process (tests spawn launchers from .venv/bin): a different ninja makes DeepSpeed rebuild its
 # JIT ops in ~/.cache/torch_extensions (70-115 s each time).
 export PATH="$PWD/.venv/bin:$PATH"
+# JIT ops of this checkout's DeepSpeed build into this venv: another venv sharing ~/.cache would rebuild them under us.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
