@@ -20,7 +20,7 @@ from foundation.train.checkpoint import COMPLETE, CheckpointError, resolve_resum
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 T = 5
-CASES = {"zero1-ibot": ("ibot", 1), "zero3-mae": ("mae", 3)}
+CASES = {"zero1-ibot": ("ibot", 1), "zero3-mae": ("mae", 3), "zero3-ibot": ("ibot", 3), "zero1-mae": ("mae", 1)}
 
 
 def _load(path):
