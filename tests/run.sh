@@ -10,6 +10,12 @@ command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR=cpu
 export PATH="$PWD/.venv/bin:$PATH"
 # JIT ops of this checkout's DeepSpeed build into this venv: another venv sharing ~/.cache would rebuild them under us.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+# Build DeepSpeed's CPU shared-memory comm op once, in one process, before any test starts ranks: two ranks building it
+# at once, or a rank killed mid-build, can leave a broken op behind that aborts every later multi-rank test.
+if [ "${DS_ACCELERATOR:-}" = "cpu" ]; then
+  .venv/bin/python -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
+    || { echo "cannot build DeepSpeed's shm comm op" >&2; exit 1; }
+fi
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

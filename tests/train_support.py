@@ -188,9 +188,9 @@ def _instrument_teacher(reference: dict[str, torch.Tensor]) -> None:
     """Make the trainer's teacher also keep an unsharded EMA, from the student's full weights, in ``reference``."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from foundation.train import trainer
+    from foundation.train import build
 
-    original = trainer.wrap_teacher
+    original = build.wrap_teacher
 
     def wrap(module: nn.Module, pairs: list, ds_config: Mapping[str, Any], device: torch.device) -> Any:
         names = {id(p): n for n, p in module.named_parameters()}
@@ -209,7 +209,7 @@ def _instrument_teacher(reference: dict[str, torch.Tensor]) -> None:
         teacher.update = update_both
         return teacher
 
-    trainer.wrap_teacher = wrap
+    build.wrap_teacher = wrap
 
 
 def tiny_run(rank: int, overrides: list[str], result_path: str, loader_kwargs: Mapping[str, Any],
