@@ -35,3 +35,18 @@ def wsi(data_dir: Path) -> dict[str, Path]:
         "ome_tiff": w / "derived" / "CMU-1-Small-Region_pyramid.ome.tif",
         "ihc_tiff": w / "derived" / "DeepLIIF_ROI_1_Ki67_IHC_pyramid.tif",
     }
+
+
+SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_orphaned_deepspeed_shm_buffers():
+    """DeepSpeed's CPU comm leaves a ~66 MB buffer per rank in /dev/shm when a rank is killed (the kill -9 resume
+    tests do it on purpose); RAM-backed, they would pile up run after run. Remove the ones this session created."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob(SHM_BUFFERS)) if shm.is_dir() else set()
+    yield
+    if shm.is_dir():
+        for path in set(shm.glob(SHM_BUFFERS)) - before:
+            path.unlink(missing_ok=True)
