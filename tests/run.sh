@@ -5,11 +5,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash install.sh || { echo "install failed" >&2; exit 1; }
 command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR=cpu
-# One ninja for every process (tests spawn launchers from .venv/bin): a different ninja makes DeepSpeed rebuild its
-# JIT ops in ~/.cache/torch_extensions (70-115 s each time).
-export PATH="$PWD/.venv/bin:$PATH"
-# JIT ops of this checkout's DeepSpeed build into this venv: another venv sharing ~/.cache would rebuild them under us.
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 # Build DeepSpeed's CPU shared-memory comm op once, in one process, before any test starts ranks: two ranks building it
 # at once, or a rank killed mid-build, can leave a broken op behind that aborts every later multi-rank test.
 if [ "${DS_ACCELERATOR:-}" = "cpu" ]; then
