@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ENV = "FOUNDATION_TEST_DATA"
@@ -35,6 +38,26 @@ def wsi(data_dir: Path) -> dict[str, Path]:
         "ome_tiff": w / "derived" / "CMU-1-Small-Region_pyramid.ome.tif",
         "ihc_tiff": w / "derived" / "DeepLIIF_ROI_1_Ki67_IHC_pyramid.tif",
     }
+
+
+def one_tile_per_source(folder: Path) -> np.ndarray:
+    """``[K,224,224,3]`` uint8: the first tile (sorted) of every source image in ``folder``."""
+    firsts: dict[str, Path] = {}
+    for path in sorted(folder.glob("*.png")):
+        firsts.setdefault(re.sub(r"_x\d+_y\d+\.png$", "", path.name), path)
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in firsts.values()])
+
+
+@pytest.fixture(scope="session")
+def he_tiles(data_dir: Path) -> np.ndarray:
+    """One real H&E tile per source image (stain_he_vs_ihc/HE)."""
+    return one_tile_per_source(data_dir / "tiles" / "stain_he_vs_ihc" / "HE")
+
+
+@pytest.fixture(scope="session")
+def ihc_tiles(data_dir: Path) -> np.ndarray:
+    """One real IHC tile per source image (stain_he_vs_ihc/IHC)."""
+    return one_tile_per_source(data_dir / "tiles" / "stain_he_vs_ihc" / "IHC")
 
 
 SHM_BUFFERS = "deepspeed_allreduce_buffer_*"

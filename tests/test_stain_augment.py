@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import copy
-import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from skimage.color import hdx_from_rgb, hed2rgb, hed_from_rgb, rgb2hed, rgb_from_hdx, rgb_from_hed
 
 from foundation.config import load_config, to_dict
@@ -19,22 +16,6 @@ from stain.deconvolution import stain_jitter_transform
 
 LOG_FLOOR = np.log(1e-6)  # scikit-image's separate_stains floor and scale
 
-
-def one_tile_per_source(folder: Path) -> np.ndarray:
-    firsts: dict[str, Path] = {}
-    for path in sorted(folder.glob("*.png")):
-        firsts.setdefault(re.sub(r"_x\d+_y\d+\.png$", "", path.name), path)
-    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in firsts.values()])
-
-
-@pytest.fixture(scope="module")
-def he_tiles(data_dir: Path) -> np.ndarray:
-    return one_tile_per_source(data_dir / "tiles" / "stain_he_vs_ihc" / "HE")
-
-
-@pytest.fixture(scope="module")
-def ihc_tiles(data_dir: Path) -> np.ndarray:
-    return one_tile_per_source(data_dir / "tiles" / "stain_he_vs_ihc" / "IHC")
 
 
 @pytest.fixture(scope="module")

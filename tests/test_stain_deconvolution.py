@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import numpy as np
 import pytest
-from PIL import Image
 from skimage.color import hdx_from_rgb, hed2rgb, rgb2hed, separate_stains
 
 from stain.deconvolution import (
@@ -20,24 +16,6 @@ from stain.deconvolution import (
     stain_jitter_transform,
     stains_to_rgb,
 )
-
-
-def one_tile_per_source(folder: Path) -> np.ndarray:
-    """``[K,224,224,3]`` uint8: the first tile (sorted) of every source image in ``folder``."""
-    firsts: dict[str, Path] = {}
-    for path in sorted(folder.glob("*.png")):
-        firsts.setdefault(re.sub(r"_x\d+_y\d+\.png$", "", path.name), path)
-    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in firsts.values()])
-
-
-@pytest.fixture(scope="module")
-def he_tiles(data_dir: Path) -> np.ndarray:
-    return one_tile_per_source(data_dir / "tiles" / "stain_he_vs_ihc" / "HE")
-
-
-@pytest.fixture(scope="module")
-def ihc_tiles(data_dir: Path) -> np.ndarray:
-    return one_tile_per_source(data_dir / "tiles" / "stain_he_vs_ihc" / "IHC")
 
 
 def test_od_lookup_table_is_the_log_of_every_level() -> None:
