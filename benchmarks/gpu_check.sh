@@ -1,101 +1,116 @@
 #!/usr/bin/env bash
-# On a lent GPU machine (Python 3.12, torch 2.11 cu130, timm preinstalled, no network): install the carried wheels,
-# run the GPU-marked tests and the benches, write everything under $OUT, print a short table last. ~8 min of device.
+# The GPU checks of issues 3 and 7, on a lent GPU machine (Python 3.12, torch 2.11 cu130, timm, no network), in parts
+# that each fit one `run` call while the DALI libraries travel in pieces (benchmarks/gpu_payload.sh builds .gpu/):
 #
-# Wheels: benchmarks/fetch_gpu_wheels.sh packs them here into .whl/carry/NN (<= 54 MiB each). Carry one bundle per
-# call in back-to-back calls (ignored paths stay on a warm machine), e.g. carry [".whl/carry/01"] with command `true`,
-# ..., then carry [".whl/carry/00"] with `bash benchmarks/gpu_check.sh`. Pieces are joined and checked against
-# SHA256SUMS; a wheel with missing pieces is skipped (and so are the benches that need it: DALI -> data and e2e).
+#   call 1  carry [".gpu/ess", ".gpu/dali/00"]   bash benchmarks/gpu_check.sh step    # bench step sweep (~4 min)
+#   call 2  carry [".gpu/data", ".gpu/dali/01"]  bash benchmarks/gpu_check.sh extra   # compiled blocks (~2 min)
+#   call 3  carry [".gpu/dali/02"]               bash benchmarks/gpu_check.sh stash   # (only if there are 4 parts)
+#   call N  carry [".gpu/dali/NN"]               bash benchmarks/gpu_check.sh data    # DALI: GPU tests, bench data, e2e
+#   or, with everything carried at once (a machine with the packages): bash benchmarks/gpu_check.sh all
 #
-# Env: BUDGET_S (default 480) stops starting new sections when less than a section's need is left;
-#      STEP_ARGS overrides the iBOT step sweep (default: ViT-L and ViT-B, ZeRO-1/2/3); SKIP_INSTALL=1 skips pip.
+# Calls must follow each other within the machine's warm period (30 s): each stashes what it carried under
+# /tmp/gpu_stage (outside the repository) and installs what it can. Results: $OUT/<part>.log (everything),
+# bench_*.json, <part>_logs.tgz (each section's full log); a short table is printed last.
+# Env: BUDGET_S (seconds for this part's sections), STEP_EXTRA (overrides appended to every bench step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PART=${1:-all}
 OUT=${OUT:-out}; mkdir -p "$OUT"
-START=$(date +%s); BUDGET_S=${BUDGET_S:-480}
+STAGE=/tmp/gpu_stage; mkdir -p "$STAGE/parts" "$STAGE/logs"
+START=$(date +%s)
+case $PART in step) BUDGET_S=${BUDGET_S:-250};; extra) BUDGET_S=${BUDGET_S:-130};; data) BUDGET_S=${BUDGET_S:-200};;
+              all) BUDGET_S=${BUDGET_S:-700};; *) BUDGET_S=${BUDGET_S:-30};; esac
+LOG="$OUT/$PART.log"
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
-log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/gpu_check.log"; }
+log() { echo "[$PART $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 DS_BUILD_OPS=0 FOUNDATION_TEST_DATA=$STAGE/data
+export PYTHONPATH=$PWD:/tmp/gpusite${PYTHONPATH:+:$PYTHONPATH}
 
-# ---- wheels: join pieces, verify, install offline
-WH=/tmp/gpu_wheels; mkdir -p "$WH"
-"$PY" - "$WH" <<'PY' 2>&1 | tee -a "$OUT/gpu_check.log"
-import hashlib, re, sys
-from collections import defaultdict
-from pathlib import Path
-wh = Path(sys.argv[1]); sums = {}; parts = defaultdict(dict)
-for folder in sorted(Path(".whl/carry").glob("*")):
-    for line in (folder / "SHA256SUMS").read_text().split("\n") if (folder / "SHA256SUMS").exists() else []:
-        if line.strip():
-            digest, name = line.split(); sums[name] = digest
-    for f in folder.iterdir():
-        m = re.match(r"(.+)\.part(\d\d)of(\d\d)$", f.name)
-        if m:
-            parts[m[1]][int(m[2])] = (f, int(m[3]))
-        elif f.name != "SHA256SUMS":
-            parts[f.name][0] = (f, 1)
-for name, pieces in sorted(parts.items()):
-    total = next(iter(pieces.values()))[1]
-    if len(pieces) != total:
-        print(f"wheel {name}: {len(pieces)}/{total} pieces carried: skipped"); continue
-    data = b"".join(pieces[k][0].read_bytes() for k in range(total))
-    if name in sums and hashlib.sha256(data).hexdigest() != sums[name]:
-        print(f"wheel {name}: checksum mismatch: skipped"); continue
-    (wh / name).write_bytes(data)
-print(f"wheels ready: {len(list(wh.iterdir()))}")
-PY
-export DS_BUILD_OPS=0
-if [[ -z "${SKIP_INSTALL:-}" ]] && ls "$WH"/deepspeed-*.tar.gz >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --find-links "$WH" --no-deps "$WH"/*.whl 2>&1 | tail -3 | tee -a "$OUT/gpu_check.log"
-  "$PY" -m pip install -q --no-index --find-links "$WH" --no-build-isolation --no-deps "$WH"/deepspeed-*.tar.gz \
-    2>&1 | tail -3 | tee -a "$OUT/gpu_check.log"
-fi
-[[ -n "${SKIP_INSTALL:-}" ]] || "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$OUT/gpu_check.log"
-HAVE_DALI=0; "$PY" -c "import nvidia.dali, cucim" 2>/dev/null && HAVE_DALI=1
-log "installed; DALI+cuCIM importable: $HAVE_DALI"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/gpu_check.log"
+# ---- stash what this call carried (carried paths are replaced by the next call's)
+for f in .gpu/dali/*/site-dali.*; do [[ -e $f ]] && cp -n "$f" "$STAGE/parts/"; done
+[[ -d .gpu/ess && ! -d $STAGE/ess ]] && cp -r .gpu/ess "$STAGE/ess"
+[[ -d .gpu/data && ! -d $STAGE/data ]] && cp -r .gpu/data "$STAGE/data"
+log "stashed: $(ls "$STAGE/parts" | tr '\n' ' ')"
 
-# ---- sections (each bounded by timeout and the remaining budget)
-section() {  # name, seconds it needs, command...
+install_ess() {
+  [[ -e $STAGE/ess.done ]] && return 0
+  [[ -d $STAGE/ess ]] || { log "essentials not carried (.gpu/ess)"; return 1; }
+  tar -C /tmp -xJf "$STAGE"/ess/site-ess.tar.xz || return 1
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation "$STAGE"/ess/deepspeed-*.tar.gz 2>&1 | tail -3
+  "$PY" -c "import deepspeed, omegaconf, hjson, pydantic" && touch "$STAGE/ess.done"
+  log "essentials installed: $([[ -e $STAGE/ess.done ]] && echo yes || echo NO)"
+}
+install_dali() {
+  [[ -e $STAGE/dali.done ]] && return 0
+  (cd "$STAGE/parts" && cat site-dali.tar.xz.part* >site-dali.tar.xz && sha256sum -c site-dali.sha256) \
+    >>"$LOG" 2>&1 || { log "DALI pieces missing or damaged: $(ls "$STAGE/parts" | tr '\n' ' ')"; return 1; }
+  tar -C /tmp -xJf "$STAGE/parts/site-dali.tar.xz" && rm -f "$STAGE/parts/site-dali.tar.xz"
+  "$PY" -c "import nvidia.dali, cucim, openslide, nvidia.nvimgcodec" >>"$LOG" 2>&1 && touch "$STAGE/dali.done"
+  log "DALI + cuCIM installed: $([[ -e $STAGE/dali.done ]] && echo yes || echo NO)"
+}
+
+section() {  # name, seconds it needs, command...: bounded by the part's budget, full log kept, tail shown
   local name=$1 need=$2; shift 2
   if (( $(left) < need )); then log "$name: skipped (budget: $(left)s left, needs $need)"; return; fi
   log "$name: start"
-  timeout "$(( $(left) - 5 ))" "$@" >"$OUT/$name.log" 2>&1; local rc=$?
-  log "$name: rc=$rc"; tail -25 "$OUT/$name.log"
+  timeout -k 5 "$(( $(left) - 3 ))" "$@" >"$STAGE/logs/$name.log" 2>&1; local rc=$?
+  log "$name: rc=$rc"; tail -15 "$STAGE/logs/$name.log"
+  tar -C "$STAGE/logs" -czf "$OUT/${PART}_logs.tgz" .
 }
-STEP_ARGS=${STEP_ARGS:---config benchmarks/step_gpu.yaml --model vit_large vit_base --zero 1 2 3}
-# iBOT batch 64 / MAE 256 for both sizes keeps one sweep; the reference numbers used 128/512 for ViT-B.
-# shellcheck disable=SC2086
-section step_ibot 200 "$PY" -m foundation bench step $STEP_ARGS --objective ibot --batch 64 \
-  --out "$OUT/bench_step_ibot.json"
-section step_mae 120 "$PY" -m foundation bench step --config benchmarks/step_gpu.yaml --model vit_large vit_base \
-  --objective mae --zero 1 2 3 --batch 256 --out "$OUT/bench_step_mae.json"
-section step_compile 90 "$PY" -m foundation bench step --config benchmarks/step_gpu.yaml --model vit_large \
-  --objective ibot --zero 1 --batch 64 --compile --out "$OUT/bench_step_compile.json"
-section pytest_gpu 90 "$PY" -m pytest -q -m gpu -x --timeout 300 tests
-if (( HAVE_DALI )); then
-  section bench_data 60 "$PY" -m foundation bench data --device gpu --out "$OUT/bench_data.json"
-  section bench_e2e 90 "$PY" -m foundation bench e2e --config benchmarks/e2e_gpu.yaml --out "$OUT/bench_e2e.json"
-else
-  log "bench data / e2e: skipped (DALI or cuCIM not installed: carry the DALI bundles)"
-fi
+step() {  # name, need, bench step arguments...
+  local name=$1 need=$2; shift 2
+  # shellcheck disable=SC2086
+  section "$name" "$need" "$PY" -m foundation bench step --config benchmarks/step_gpu.yaml "$@" \
+    --out "$OUT/bench_$name.json" ${STEP_EXTRA:-}
+}
 
-# ---- the short table, last
-"$PY" - "$OUT" <<'PY'
+summary() {
+  "$PY" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-print("\n== summary (ours/ref: our DeepSpeed step over the plain-PyTorch step, same run) ==")
+print("\n== summary (ours/ref: our DeepSpeed step over the plain-PyTorch step, same run, same GPU) ==")
 for f in sorted(out.glob("bench_step*.json")):
-    r = json.loads(f.read_text()); print(f"{f.name}: GEMM {r['gemm']['tflops']:.0f} TFLOP/s on {r['environment']['gpu']}")
+    r = json.loads(f.read_text())
+    print(f"{f.name}: GEMM {r['gemm']['tflops']:.0f} TFLOP/s on {r['environment'].get('gpu')}")
     for x in r["results"]:
-        if "error" in x: print(f"  {x['name']:<34} ERROR {x['error'][:80]}"); continue
-        print(f"  {x['name']:<34} ours {x['ours_images_per_s']:8.1f} ref {x['ref_images_per_s']:8.1f} img/s "
-              f"ratio {x['ratio']:.2f}  MFU ours {x['ours_mfu']:.2f} ref {x['ref_mfu']:.2f}  "
-              f"{x['ours_peak_gb']:.1f}/{x['ref_peak_gb']:.1f} GB")
+        if "error" in x:
+            print(f"  {x['name']:<30} ERROR {x['error'][:90]}"); continue
+        print(f"  {x['name']:<30} ours {x['ours_images_per_s']:7.1f} ref {x['ref_images_per_s']:7.1f} img/s "
+              f"ratio {x['ratio']:.2f} MFU {x['ours_mfu']:.2f}/{x['ref_mfu']:.2f} "
+              f"GB {x['ours_peak_gb']:.1f}/{x['ref_peak_gb']:.1f} loss0 {x['ours_loss_step0']:.4f}/{x['ref_loss_step0']:.4f}")
 for f in sorted(out.glob("bench_e2e*.json")):
-    x = json.loads(f.read_text())["results"][0]
-    print(f"e2e {x['name']}: {x['images_per_s']:.1f} img/s, data wait {x['data_wait_share']:.1%}")
+    for x in json.loads(f.read_text())["results"]:
+        print(f"e2e {x.get('name')}: {x.get('images_per_s', 0):.1f} img/s, data wait {x.get('data_wait_share', 0):.1%}")
 for f in sorted(out.glob("bench_data*.json")):
-    print(f"data: {json.dumps(json.loads(f.read_text()))[:300]}")
+    r = json.loads(f.read_text())
+    o, b = r.get("ours", {}), r.get("baseline", {})
+    print(f"data {f.name}: ours {json.dumps(o)[:220]}\n  baseline {json.dumps(b)[:160]}\n  ratio {r.get('ratio')}")
 PY
+}
+
+log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
+case $PART in step|extra|stash|data|all) ;; *) echo "unknown part $PART: step | extra | stash | data | all" >&2; exit 2;; esac
+if [[ $PART == step || $PART == all ]]; then
+  install_ess || exit 1
+  step step_ibot_vitl 70 --model vit_large --objective ibot --batch 64 --zero 1 2 3
+  step step_ibot_vitb 60 --model vit_base --objective ibot --batch 128 --zero 1 2 3
+  step step_mae_vitl 45 --model vit_large --objective mae --batch 256 --zero 1 2 3
+  step step_mae_vitb 40 --model vit_base --objective mae --batch 512 --zero 1 3
+fi
+if [[ $PART == extra || $PART == all ]]; then
+  install_ess || exit 1
+  step step_compile_ibot 80 --model vit_large --objective ibot --batch 64 --zero 1 --compile
+  step step_compile_mae 45 --model vit_large --objective mae --batch 256 --zero 1 --compile
+fi
+if [[ $PART == data || $PART == all ]]; then
+  install_ess || exit 1
+  install_dali || exit 1
+  section pytest_gpu_data 60 "$PY" -m pytest -q -m gpu --timeout 300 -p no:cacheprovider \
+    tests/test_pipeline_gpu.py tests/test_stain_dali.py
+  section bench_data 60 "$PY" -m foundation bench data --device gpu --workers 8 --batch-size 128 --batches 10 \
+    --rounds 1 --out "$OUT/bench_data.json"
+  section bench_e2e 50 "$PY" -m foundation bench e2e --config benchmarks/e2e_gpu.yaml --out "$OUT/bench_e2e.json"
+fi
+summary

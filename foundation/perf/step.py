@@ -40,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", nargs="+", type=int, help="samples per rank (data.pipeline.batch_size)")
     parser.add_argument("--zero", nargs="+", type=int, help="ZeRO stages (deepspeed=zeroN)")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="train.precision")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each backbone block on both sides")
+    parser.add_argument("--compile", action="store_true",
+                        help="our side compiles its blocks (train.compile_blocks=true, the trainer's option)")
+    parser.add_argument("--compile-reference", action="store_true",
+                        help="the reference compiles its blocks too (bench.step.compile_reference=true)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="on both sides")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_step.json"), help="JSON result file")
     parser.add_argument("--tensorboard", type=Path, help="also write the figures as TensorBoard scalars here")
@@ -73,17 +76,6 @@ def _objective_keys(cfg: Any) -> tuple[str, ...]:
     return OBJECTIVES[str(cfg.objective.name)].required_batch_keys
 
 
-def compile_blocks(module: torch.nn.Module) -> int:
-    """``torch.compile`` every backbone block of ``module`` in place (state-dict keys unchanged)."""
-    blocks = [m for name, m in module.named_modules() if name.endswith("blocks") and hasattr(m, "__len__")]
-    count = 0
-    for seq in blocks:
-        for block in seq:
-            block.compile()
-            count += 1
-    return count
-
-
 def _schedule_iteration(cfg: Any, schedules: Any) -> int:
     """Where the step's scheduled values are taken: bench.step.iteration, else just past every warmup/freeze."""
     chosen = cfg.bench.step.iteration
@@ -110,7 +102,7 @@ def _reference_side(objective: Any, cfg: Any, batch: Any, values: Any, device: t
     """Loss at step 0, FLOPs of one forward+backward, step times, last loss and peak memory of the reference."""
     from foundation.perf.measure import count_flops, peak_memory_gb, reset_peak_memory
     from foundation.perf.reference import ReferenceStep, autocast
-    from foundation.train.engine import enable_activation_checkpointing
+    from foundation.train.engine import compile_blocks, enable_activation_checkpointing
 
     reset_peak_memory(device)
     ref = ReferenceStep(objective, cfg, batch, values, device, dtype)
@@ -131,16 +123,14 @@ def _reference_side(objective: Any, cfg: Any, batch: Any, values: Any, device: t
     return loss0, flops, times, float(losses[-1]), peak_memory_gb(device)
 
 
-def _our_side(objective: Any, cfg: Any, batch: Any, schedules: Any, iteration: int, dist: Any,
-              compile_: bool) -> tuple[float, list[float], float, float]:
+def _our_side(objective: Any, cfg: Any, batch: Any, schedules: Any, iteration: int,
+              dist: Any) -> tuple[float, list[float], float, float]:
     """Loss at step 0, step times, mean loss and peak memory of our engine's step."""
     from foundation.perf.measure import peak_memory_gb, reset_peak_memory
     from foundation.perf.ours import OurStep
 
     reset_peak_memory(dist.device)
-    ours = OurStep(objective, cfg, batch, schedules, iteration, dist)
-    if compile_:
-        compile_blocks(ours.engine.module)
+    ours = OurStep(objective, cfg, batch, schedules, iteration, dist)  # compiles itself: train.compile_blocks
     loss0 = _seeded_loss(ours.loss, int(cfg.meta.seed))
     times = _time(ours.step, cfg.bench.step, dist.device)
     mean, peak = ours.mean_loss(), peak_memory_gb(dist.device)
@@ -148,7 +138,7 @@ def _our_side(objective: Any, cfg: Any, batch: Any, schedules: Any, iteration: i
     return loss0, times, mean, peak
 
 
-def bench_one(cfg: Any, dist: Any, gemm: float, compile_: bool) -> dict[str, Any]:
+def bench_one(cfg: Any, dist: Any, gemm: float) -> dict[str, Any]:
     """Both sides on one configuration; every figure in one dict."""
     from foundation.objectives import build_objective
     from foundation.perf.measure import median, reset_peak_memory
@@ -170,11 +160,10 @@ def bench_one(cfg: Any, dist: Any, gemm: float, compile_: bool) -> dict[str, Any
     samples = int(cfg.data.pipeline.batch_size) * int(cfg.train.grad_accum_steps)
 
     ref_loss0, flops, ref_times, ref_last, ref_peak = _reference_side(
-        reference_objective, cfg, batch, values, dist.device, dtype, compile_)
+        reference_objective, cfg, batch, values, dist.device, dtype, bool(cfg.bench.step.compile_reference))
     del reference_objective
     gc.collect()
-    ours_loss0, ours_times, ours_mean, ours_peak = _our_side(objective, cfg, batch, schedules, iteration, dist,
-                                                             compile_)
+    ours_loss0, ours_times, ours_mean, ours_peak = _our_side(objective, cfg, batch, schedules, iteration, dist)
     del objective
     gc.collect()
     reset_peak_memory(dist.device)
@@ -183,7 +172,8 @@ def bench_one(cfg: Any, dist: Any, gemm: float, compile_: bool) -> dict[str, Any
     row = {
         "model": str(cfg.defaults.model), "objective": str(cfg.objective.name), "batch": samples,
         "zero": int(cfg.deepspeed.zero_optimization.stage), "precision": str(cfg.train.precision),
-        "world_size": dist.world_size, "compile_blocks": compile_,
+        "world_size": dist.world_size, "compile_blocks": bool(cfg.train.compile_blocks),
+        "compile_reference": bool(cfg.bench.step.compile_reference),
         "activation_checkpointing": bool(cfg.train.activation_checkpointing), "schedule_iteration": iteration,
         "ours_step_s": ours_s, "ref_step_s": ref_s, "ours_step_s_repeats": ours_times,
         "ref_step_s_repeats": ref_times,
@@ -211,6 +201,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.activation_checkpointing:
         overrides.append("train.activation_checkpointing=true")
+    if args.compile:
+        overrides.append("train.compile_blocks=true")
+    if args.compile_reference:
+        overrides.append("bench.step.compile_reference=true")
     combos = list(itertools.product(args.model or [None], args.objective or [None], args.batch or [None],
                                     args.zero if args.zero is not None else [None]))
     try:
@@ -224,11 +218,17 @@ def run(args: argparse.Namespace) -> int:
     gemm_dtype = torch.bfloat16 if str(base.gemm_dtype) == "bf16" else torch.float32
     gemm_size = int(base.gemm_size if dist.device.type == "cuda" else base.gemm_size_cpu)
     gemm = gemm_tflops(dist.device, gemm_size, gemm_dtype)
-    compile_ = bool(args.compile or base.compile_blocks)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    env = environment(dist.device) if dist.rank == 0 else {}
+
+    def payload() -> dict[str, Any]:
+        return {"kind": "step", "environment": env,
+                "gemm": {"size": gemm_size, "dtype": str(base.gemm_dtype), "tflops": gemm},
+                "settings": to_dict(base), "results": rows, "configs": [to_dict(c) for c in cfgs]}
+
     for cfg in cfgs:
         try:
-            rows.append(bench_one(cfg, dist, gemm, compile_))
+            rows.append(bench_one(cfg, dist, gemm))
         except Exception as err:  # one failing configuration (out of memory, a ZeRO-3 bug) must not lose the others
             log.exception("configuration failed")
             rows.append({"name": f"{cfg.objective.name} {cfg.defaults.model} b{cfg.data.pipeline.batch_size} "
@@ -239,15 +239,11 @@ def run(args: argparse.Namespace) -> int:
                 torch.cuda.empty_cache()
         if dist.rank == 0:
             log.info("%s", {k: v for k, v in rows[-1].items() if not k.endswith("repeats")})
+            write_json(args.out, payload())  # after every configuration: a sweep cut short keeps what it measured
     if dist.rank == 0:
-        payload = {"kind": "step", "environment": environment(dist.device),
-                   "gemm": {"size": gemm_size, "dtype": str(base.gemm_dtype), "tflops": gemm},
-                   "settings": to_dict(base), "results": rows,
-                   "configs": [to_dict(c) for c in cfgs]}
-        write_json(args.out, payload)
         if args.tensorboard:
             write_tensorboard(args.tensorboard, rows, "name")
-        print(f"GEMM {gemm_size}^3 {base.gemm_dtype}: {gemm:.3g} TFLOP/s on {payload['environment']['gpu'] or 'cpu'}")
+        print(f"GEMM {gemm_size}^3 {base.gemm_dtype}: {gemm:.3g} TFLOP/s on {env['gpu'] or 'cpu'}")
         print(table(rows, COLUMNS))
         for row in rows:
             if "error" in row:

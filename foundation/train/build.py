@@ -12,6 +12,7 @@ from foundation.objectives.base import Objective
 from foundation.train.engine import (
     DistInfo,
     build_optimizer,
+    compile_blocks,
     container_parameters,
     enable_activation_checkpointing,
     initialize_engine,
@@ -49,6 +50,10 @@ def build_engines(objective: Objective, param_groups: Sequence[Mapping[str, Any]
     optimizer = build_optimizer(param_groups, cfg, dist.device)
     engine = initialize_engine(objective, optimizer, dict(ds_config))
     teacher = wrap_teacher(teacher_module, pairs, ds_config, dist.device) if teacher_module is not None else None
+    if bool(cfg.train.compile_blocks):
+        compile_blocks(engine.module)
+        if teacher is not None:
+            compile_blocks(teacher.module)
     gathered: list[torch.nn.Parameter] = []
     if ds_config["zero_optimization"]["stage"] == 3:
         modules = [objective, *([teacher.module] if teacher is not None else [])]

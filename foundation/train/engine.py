@@ -118,6 +118,11 @@ def validate_engine_config(cfg: Any) -> None:
     stage = group["zero_optimization"].get("stage")
     if stage not in ZERO_STAGES:
         raise ConfigError(f"deepspeed.zero_optimization.stage must be one of {ZERO_STAGES}, got {stage!r}")
+    if not isinstance(train.compile_blocks, bool):
+        raise ConfigError(f"train.compile_blocks must be true or false, got {train.compile_blocks!r}")
+    if train.compile_blocks and stage == 3:
+        raise ConfigError("train.compile_blocks=true needs ZeRO 0-2: ZeRO-3 gathers each weight in module hooks "
+                          "that break the compiled graphs; use deepspeed=zero1/zero2 or train.compile_blocks=false")
 
 
 def deepspeed_config(cfg: Any) -> dict[str, Any]:
@@ -214,6 +219,26 @@ def enable_activation_checkpointing(blocks: nn.ModuleList) -> int:
     """
     for block in blocks:
         block.__class__ = _checkpointed_class(type(block))
+    return len(blocks)
+
+
+def transformer_blocks(module: nn.Module) -> list[nn.Module]:
+    """Every transformer block under ``module``: the members of each ``*blocks`` list (backbone, MAE decoder)."""
+    return [block for name, seq in module.named_modules()
+            if name.split(".")[-1].endswith("blocks") and isinstance(seq, nn.ModuleList | nn.Sequential)
+            for block in seq]
+
+
+def compile_blocks(module: nn.Module) -> int:
+    """``torch.compile`` every transformer block under ``module`` in place; returns how many.
+
+    ``Module.compile`` keeps the block object, so parameter names, state-dict keys and DeepSpeed's ZeRO-1/2
+    gradient hooks are unchanged. One compiled graph serves every block of a model (same code, parameters as
+    inputs); crops of another size recompile once.
+    """
+    blocks = transformer_blocks(module)
+    for block in blocks:
+        block.compile()
     return len(blocks)
 
 
