@@ -11,7 +11,8 @@
 # Calls must follow each other within the machine's warm period (30 s): each stashes what it carried under
 # /tmp/gpu_stage (outside the repository) and installs what it can. Results: $OUT/<part>.log (everything),
 # bench_*.json, <part>_logs.tgz (each section's full log); a short table is printed last.
-# Env: BUDGET_S (seconds for this part's sections), STEP_EXTRA (overrides appended to every bench step).
+# Env: BUDGET_S (seconds for this part's sections), STEP_EXTRA (overrides appended to every bench step),
+#      SWEEP=core (a short step sweep), SKIP_PYTEST=1 (data part: benches only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-all}
@@ -28,7 +29,7 @@ export PYTHONUNBUFFERED=1 DS_BUILD_OPS=0 FOUNDATION_TEST_DATA=$STAGE/data
 export PYTHONPATH=$PWD:/tmp/gpusite${PYTHONPATH:+:$PYTHONPATH}
 
 # ---- stash what this call carried (carried paths are replaced by the next call's)
-for f in .gpu/dali/*/site-dali.*; do [[ -e $f ]] && cp -n "$f" "$STAGE/parts/"; done
+for f in .gpu/dali/*/site-dali.*; do [[ -e $f && ! -e $STAGE/parts/${f##*/} ]] && cp "$f" "$STAGE/parts/"; done
 [[ -d .gpu/ess && ! -d $STAGE/ess ]] && cp -r .gpu/ess "$STAGE/ess"
 [[ -d .gpu/data && ! -d $STAGE/data ]] && cp -r .gpu/data "$STAGE/data"
 log "stashed: $(ls "$STAGE/parts" | tr '\n' ' ')"
@@ -94,10 +95,16 @@ log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,nohe
 case $PART in step|extra|stash|data|all) ;; *) echo "unknown part $PART: step | extra | stash | data | all" >&2; exit 2;; esac
 if [[ $PART == step || $PART == all ]]; then
   install_ess || exit 1
-  step step_ibot_vitl 70 --model vit_large --objective ibot --batch 64 --zero 1 2 3
-  step step_ibot_vitb 60 --model vit_base --objective ibot --batch 128 --zero 1 2 3
-  step step_mae_vitl 45 --model vit_large --objective mae --batch 256 --zero 1 2 3
-  step step_mae_vitb 40 --model vit_base --objective mae --batch 512 --zero 1 3
+  if [[ ${SWEEP:-full} == core ]]; then  # the goals' corners: ViT-L iBOT and MAE at ZeRO-1 and 3, ViT-B iBOT ZeRO-1
+    step step_ibot_vitl 60 --model vit_large --objective ibot --batch 64 --zero 1 3
+    step step_mae_vitl 40 --model vit_large --objective mae --batch 256 --zero 1 3
+    step step_ibot_vitb 30 --model vit_base --objective ibot --batch 128 --zero 1
+  else
+    step step_ibot_vitl 70 --model vit_large --objective ibot --batch 64 --zero 1 2 3
+    step step_ibot_vitb 60 --model vit_base --objective ibot --batch 128 --zero 1 2 3
+    step step_mae_vitl 45 --model vit_large --objective mae --batch 256 --zero 1 2 3
+    step step_mae_vitb 40 --model vit_base --objective mae --batch 512 --zero 1 3
+  fi
 fi
 if [[ $PART == extra || $PART == all ]]; then
   install_ess || exit 1
@@ -107,8 +114,8 @@ fi
 if [[ $PART == data || $PART == all ]]; then
   install_ess || exit 1
   install_dali || exit 1
-  section pytest_gpu_data 60 "$PY" -m pytest -q -m gpu --timeout 300 -p no:cacheprovider \
-    tests/test_pipeline_gpu.py tests/test_stain_dali.py
+  [[ -n ${SKIP_PYTEST:-} ]] || section pytest_gpu_data 60 "$PY" -m pytest -q -m gpu --timeout 300 \
+    -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_stain_dali.py tests/test_train_gpu.py
   section bench_data 60 "$PY" -m foundation bench data --device gpu --workers 8 --batch-size 128 --batches 10 \
     --rounds 1 --out "$OUT/bench_data.json"
   section bench_e2e 50 "$PY" -m foundation bench e2e --config benchmarks/e2e_gpu.yaml --out "$OUT/bench_e2e.json"

@@ -73,10 +73,22 @@ def test_deepspeed_config_from_cfg(precision, fp16, bf16):
     ("train.lr_scaling=cubic", "train.lr_scaling"),
     ("train.schedules.dino_weight=heavy", "train.schedules.dino_weight"),
     ("train.schedules.dino_weight={start: 1.0}", "train.schedules.dino_weight"),
+    ("train.compile_blocks=3", "train.compile_blocks"),
+    ("train.compile_blocks=true deepspeed=zero3", "compile_blocks=true needs ZeRO 0-2"),
 ])
 def test_bad_trainer_settings_are_named_before_any_work(override, match):
     with pytest.raises(ConfigError, match=match):
-        validate(load_config(overrides=[override]))
+        validate(load_config(overrides=override.split(" ")))
+
+
+def test_compile_blocks_compiles_every_transformer_block_in_place():
+    torch.manual_seed(0)
+    model = TinyObjective()
+    keys = list(model.state_dict())
+    blocks = E.transformer_blocks(model)
+    assert len(blocks) == 2 and E.compile_blocks(model) == 2
+    assert all(b._compiled_call_impl is not None for b in blocks)  # Module.compile: the same block objects
+    assert list(model.state_dict()) == keys
 
 
 def test_deepspeed_group_may_not_set_trainer_keys():

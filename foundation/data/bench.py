@@ -232,7 +232,7 @@ def run_bench(cfg: Any, index: Any, batches: int, warmup: int, rounds: int, phot
         log.info("round %d baseline: %s", r, results["baseline"][-1])
     out: dict[str, Any] = {
         "ours": {**_best(results["ours"]), "device": device, "pipeline": "DALI", "threads": workers,
-                 "failed_reads": failed_reads},
+                 "reader_workers": int(pcfg.reader_workers), "failed_reads": failed_reads},
         "baseline": {**_best(results["baseline"]), "pipeline": "torch DataLoader + OpenSlide + torchvision + "
                      "scikit-image HED", "workers": workers},
     }
@@ -272,7 +272,8 @@ def _config(args: argparse.Namespace) -> Any:
 def report(result: Mapping[str, Any]) -> str:
     ours, base = result["ours"], result["baseline"]
     return (f"ours     {ours['samples_per_s']:8.1f} samples/s {ours['crops_per_s']:9.1f} crops/s "
-            f"(DALI {ours['device']}, {ours['threads']} threads, failed reads {ours['failed_reads']})\n"
+            f"(DALI {ours['device']}, {ours['threads']} threads, {ours['reader_workers']} reader processes, "
+            f"failed reads {ours['failed_reads']})\n"
             f"baseline {base['samples_per_s']:8.1f} samples/s {base['crops_per_s']:9.1f} crops/s "
             f"(DataLoader, {base['workers']} workers)\n"
             f"ratio    {result['ratio']:.2f}x")

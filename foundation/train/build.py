@@ -11,6 +11,8 @@ import torch
 from foundation.objectives.base import Objective
 from foundation.train.engine import (
     DistInfo,
+    autocast_dtype,
+    autocast_inside_engine,
     build_optimizer,
     compile_blocks,
     container_parameters,
@@ -49,6 +51,7 @@ def build_engines(objective: Objective, param_groups: Sequence[Mapping[str, Any]
         enable_activation_checkpointing(objective.backbone().blocks)
     optimizer = build_optimizer(param_groups, cfg, dist.device)
     engine = initialize_engine(objective, optimizer, dict(ds_config))
+    autocast_inside_engine(engine.module, dist.device, autocast_dtype(str(cfg.train.precision)))
     teacher = wrap_teacher(teacher_module, pairs, ds_config, dist.device) if teacher_module is not None else None
     if bool(cfg.train.compile_blocks):
         compile_blocks(engine.module)

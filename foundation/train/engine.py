@@ -14,6 +14,7 @@ before each step, so no DeepSpeed LR scheduler is used.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -240,6 +241,27 @@ def compile_blocks(module: nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+def autocast_inside_engine(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Run ``module.forward`` under ``torch.autocast(dtype)``, also when the DeepSpeed engine calls it.
+
+    DeepSpeed's engine switches an outer autocast off around its module's forward unless its own
+    ``torch_autocast`` mode is configured, and that mode keeps fp32 weights. In our bf16/fp16 mode the student's
+    weights are already low precision, but the fp32 EMA teacher, which the objective runs inside that forward,
+    ran in fp32 (one H100, iBOT ViT-L/16: ours 0.50x the plain autocast step), and norms and softmaxes ran in
+    bf16. Re-entering autocast inside restores what the reference and ``foundation train`` on the CPU do.
+    """
+    if dtype is None:
+        return
+    plain = module.forward
+
+    @functools.wraps(plain)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            return plain(*args, **kwargs)
+
+    module.forward = forward
 
 
 def container_parameters(module: nn.Module) -> list[nn.Parameter]:

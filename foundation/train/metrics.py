@@ -61,7 +61,8 @@ class WindowMeter:
         """Window means over steps and ranks (a collective: call it on every rank), then start a new window."""
         wall = time.perf_counter() - self.window_start
         names = sorted(self.term_sums)
-        norms = [torch.as_tensor(g, dtype=torch.float64) for g in self.grad_norms]
+        # DeepSpeed hands the norm back as a device tensor or a float: one host copy per window, here
+        norms = [torch.as_tensor(g, dtype=torch.float64).cpu() for g in self.grad_norms]
         local = torch.stack([
             *[self.term_sums[n].double().cpu() / max(self.micro_steps, 1) for n in names],
             torch.tensor(self.data_seconds / max(wall, _TINY_SECONDS), dtype=torch.float64),
