@@ -108,7 +108,8 @@ def build_pipeline(source: BatchSource, crops: CropConfig, solarize_threshold: f
         nodes = fn.external_source(
             source=source, num_outputs=len(layout.names), batch=True, batch_info=True, parallel=parallel,
             layout=["HWC" if n == "region" else "" for n in layout.names],
-            **({"prefetch_queue_depth": prefetch} if parallel else {}),
+            # each batch is one task of one reader process: fewer batches in flight than processes idle the rest
+            **({"prefetch_queue_depth": max(prefetch, reader_workers)} if parallel else {}),
         )
         inputs = {name: nodes[i] for i, name in enumerate(layout.names)}  # autograph's zip has no strict=
         region = _region(inputs, layout, device)
