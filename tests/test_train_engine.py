@@ -57,7 +57,10 @@ def test_deepspeed_config_from_cfg(precision, fp16, bf16):
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == \
         (6, 3, 1.5)
     assert E.global_batch_size(cfg, world_size=4) == 6 * 3 * 4
+    # DeepSpeed's throughput timer would synchronise the device twice per step
+    assert ds["timers"] == {"throughput": {"enabled": False}}
     teacher = E.teacher_deepspeed_config(ds)
+    assert teacher["timers"] == ds["timers"]
     assert teacher["zero_optimization"]["stage"] == 3
     assert teacher["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert teacher["bf16"] == {"enabled": False} and teacher["fp16"] == {"enabled": False}

@@ -152,6 +152,7 @@ def teacher_deepspeed_config(student_config: Mapping[str, Any]) -> dict[str, Any
         "train_micro_batch_size_per_gpu": student_config["train_micro_batch_size_per_gpu"],
         "gradient_accumulation_steps": student_config["gradient_accumulation_steps"],
         "zero_optimization": zero,
+        **({"timers": student_config["timers"]} if "timers" in student_config else {}),
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
     }
