@@ -8,7 +8,10 @@ Per sample at global position ``g``: entry ``e`` of the global order; Generator 
 draws the region (magnification), the crop windows/flips/turns, the stain jitter and the photometric jitter, in
 that order. A read that fails is retried with a weighted substitute entry (``GlobalOrder.replacement``) and the
 next attempt's Generator; the number of failed attempts travels with the sample (``retries``) so the loader can
-count them whatever process read it. iBOT masks depend on the batch (DINOv2 spreads mask ratios over it): they
+count them whatever process read it. Per sample only the Generator, the read and the raw uniforms are handled in
+Python; the parameters are computed from the stored uniforms once per batch (element by element, so bit for bit
+what the per-sample functions ``draw_crops``, ``sample_stain_params`` and ``sample_photometric_params`` give; a
+test pins this). iBOT masks depend on the batch (DINOv2 spreads mask ratios over it): they
 come from a Generator seeded by the batch's first position.
 """
 
