@@ -28,8 +28,8 @@ from stain.deconvolution import MAX_LEVEL, RGB_FLOOR, basis, stain_jitter_transf
 STAIN_KINDS = ("he", "ihc", "special", "unknown")
 POLICY_BASES = ("none", "hed", "hdab")
 POLICY_KEYS = ("basis", "sigma", "shift_sigma", "perturb_dab", "dab_sigma", "dab_shift_sigma")
-# uniforms drawn per crop: apply?, 3 scales, 3 shifts (a fixed count keeps the stream independent of the policies)
-_DRAWS_PER_CROP = 7
+#: uniforms drawn per crop: apply?, 3 scales, 3 shifts (a fixed count keeps the stream independent of the policies)
+STAIN_DRAWS_PER_CROP = 7
 
 
 def _channel_sigmas(name: str, policy: Mapping[str, Any]) -> tuple[str, np.ndarray, np.ndarray]:
@@ -54,18 +54,25 @@ def _channel_sigmas(name: str, policy: Mapping[str, Any]) -> tuple[str, np.ndarr
     return basis_name, scale, shift
 
 
-def sample_stain_params(kinds: Sequence[str], rng: np.random.Generator,
-                        cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one stain transform per crop: ``(M [N,3,3], T [N,3])`` float32, C-contiguous.
+class StainPolicy:
+    """The ``data.augmentation.stain`` section, validated once for the stain kinds in ``kinds``.
 
-    ``kinds`` holds the stain kind of each crop; ``cfg`` is the ``data.augmentation.stain`` section. Exactly
-    ``7 * N`` uniforms are drawn from ``rng`` whatever the policies, so the stream stays aligned across configs.
+    Holds per kind the basis and the per-channel sigmas, so that turning uniforms into transforms
+    (:meth:`transforms`) repeats no validation and no dict lookups.
     """
-    p = float(cfg["p"])
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"augmentation.stain.p={p} must lie in [0, 1]")
-    policies: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
-    for kind in set(kinds):
+
+    def __init__(self, cfg: Mapping[str, Any], kinds: Sequence[str]) -> None:
+        self.p = float(cfg["p"])
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"augmentation.stain.p={self.p} must lie in [0, 1]")
+        self.kinds = list(dict.fromkeys(kinds))
+        policies = [self._policy(kind, cfg) for kind in self.kinds]
+        self.bases = np.array([policy[0] for policy in policies], dtype=object)  # [K]
+        self.scale = np.array([policy[1] for policy in policies]).reshape(-1, 3)  # [K, 3]
+        self.shift = np.array([policy[2] for policy in policies]).reshape(-1, 3)  # [K, 3]
+
+    @staticmethod
+    def _policy(kind: str, cfg: Mapping[str, Any]) -> tuple[str, np.ndarray, np.ndarray]:
         if kind not in cfg["kinds"]:
             raise KeyError(f"stain kind {kind!r} has no policy under augmentation.stain.kinds "
                            f"(kinds: {sorted(cfg['kinds'])})")
@@ -73,23 +80,41 @@ def sample_stain_params(kinds: Sequence[str], rng: np.random.Generator,
         if name not in cfg["policies"]:
             raise KeyError(f"augmentation.stain.kinds.{kind}={name!r} is not under augmentation.stain.policies "
                            f"({sorted(cfg['policies'])})")
-        policies[kind] = _channel_sigmas(name, cfg["policies"][name])
+        return _channel_sigmas(name, cfg["policies"][name])
 
-    n = len(kinds)
-    u = rng.random((n, _DRAWS_PER_CROP))
-    m = np.tile(np.eye(3), (n, 1, 1))
-    t = np.zeros((n, 3))
-    applied = u[:, 0] < p
-    bases = np.array([policies[k][0] for k in kinds], dtype=object)
-    scale = np.stack([policies[k][1] for k in kinds]) if n else np.zeros((0, 3))
-    shift = np.stack([policies[k][2] for k in kinds]) if n else np.zeros((0, 3))
-    alpha = 1.0 + scale * (2.0 * u[:, 1:4] - 1.0)
-    beta = shift * (2.0 * u[:, 4:7] - 1.0)
-    for name in ("hed", "hdab"):
-        rows = applied & (bases == name)
-        if rows.any():
-            m[rows], t[rows] = stain_jitter_transform(name, alpha[rows], beta[rows])
-    return np.ascontiguousarray(m, dtype=np.float32), np.ascontiguousarray(t, dtype=np.float32)
+    def ids(self, kinds: Sequence[str]) -> np.ndarray:
+        """Row of each kind in this policy's tables (``[N]`` int)."""
+        return np.array([self.kinds.index(kind) for kind in kinds], dtype=np.int64)
+
+    def transforms(self, kind_ids: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(M [N,3,3], T [N,3])`` float32 of ``N`` crops from their kinds (:meth:`ids`) and uniforms ``[N, 7]``.
+
+        Element by element, so ``N`` crops of many samples at once give exactly their one-sample results.
+        """
+        n = len(kind_ids)
+        m = np.tile(np.eye(3), (n, 1, 1))
+        t = np.zeros((n, 3))
+        applied = u[:, 0] < self.p
+        bases = self.bases[kind_ids]
+        alpha = 1.0 + self.scale[kind_ids] * (2.0 * u[:, 1:4] - 1.0)
+        beta = self.shift[kind_ids] * (2.0 * u[:, 4:7] - 1.0)
+        for name in ("hed", "hdab"):
+            rows = applied & (bases == name)
+            if rows.any():
+                m[rows], t[rows] = stain_jitter_transform(name, alpha[rows], beta[rows])
+        return np.ascontiguousarray(m, dtype=np.float32), np.ascontiguousarray(t, dtype=np.float32)
+
+
+def sample_stain_params(kinds: Sequence[str], rng: np.random.Generator,
+                        cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one stain transform per crop: ``(M [N,3,3], T [N,3])`` float32, C-contiguous.
+
+    ``kinds`` holds the stain kind of each crop; ``cfg`` is the ``data.augmentation.stain`` section. Exactly
+    ``7 * N`` uniforms are drawn from ``rng`` whatever the policies, so the stream stays aligned across configs.
+    """
+    policy = StainPolicy(cfg, kinds)
+    u = rng.random((len(kinds), STAIN_DRAWS_PER_CROP))
+    return policy.transforms(policy.ids(kinds), u)
 
 
 def apply_stain_matrix(images: torch.Tensor, m: torch.Tensor | np.ndarray,

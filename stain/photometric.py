@@ -21,7 +21,7 @@ so one static DALI graph runs it. Parameters are drawn on the host from the pipe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +34,8 @@ from stain.deconvolution import MAX_LEVEL
 #: ITU-R 601 luma, PIL's ``convert("L")`` weights (DINOv2 jitters PIL images; torchvision tensors use 0.2989 for red)
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
 CROP_TYPES = ("global1", "global2", "local")
-# uniforms drawn per crop: jitter?, brightness, contrast, saturation, hue, gray?, blur?, blur sigma, solarize?
-_DRAWS_PER_CROP = 9
+#: uniforms drawn per crop: jitter?, brightness, contrast, saturation, hue, gray?, blur?, blur sigma, solarize?
+PHOTOMETRIC_DRAWS_PER_CROP = 9
 
 
 @dataclass(frozen=True)
@@ -102,46 +102,61 @@ def _probability(cfg: Mapping[str, Any], key: str, crop: str | None = None) -> f
     return value
 
 
+class PhotometricPolicy:
+    """The ``data.augmentation.generic`` section, validated once for the crop types in ``crops``.
+
+    :meth:`params` then turns uniforms into parameters with no validation and no config lookups.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], crops: Sequence[str] = CROP_TYPES) -> None:
+        for crop in crops:
+            if crop not in CROP_TYPES:
+                raise KeyError(f"unknown crop type {crop!r}; choose one of {CROP_TYPES}")
+        self.jitter_p = _probability(cfg, "color_jitter_p")
+        self.gray_p = _probability(cfg, "grayscale_p")
+        self.blur_p = {crop: _probability(cfg, "blur_p", crop) for crop in crops}
+        self.solarize_p = {crop: _probability(cfg, "solarize_p", crop) for crop in crops}
+        self.strengths = {k: float(cfg[k]) for k in ("brightness", "contrast", "saturation", "hue")}
+        for key, value in self.strengths.items():
+            if value < 0.0 or (key != "hue" and value > 1.0) or (key == "hue" and value > 0.5):
+                raise ValueError(f"augmentation.generic.{key}={value} out of range ([0, 1], hue [0, 0.5])")
+        self.sigma_lo, self.sigma_hi = (float(v) for v in cfg["blur_sigma"])
+        if not 0.0 < self.sigma_lo <= self.sigma_hi:
+            raise ValueError(f"augmentation.generic.blur_sigma={[self.sigma_lo, self.sigma_hi]} must be "
+                             "0 < lo <= hi")
+        self.window = int(cfg["blur_window"])
+        if self.window < 1 or self.window % 2 == 0:
+            raise ValueError(f"augmentation.generic.blur_window={self.window} must be a positive odd integer")
+        self.solarize_threshold = float(cfg["solarize_threshold"])
+
+    def params(self, crop: str, u: np.ndarray) -> PhotometricParams:
+        """The parameters of ``N`` crops of type ``crop`` from their uniforms ``u`` ``[N, 9]``."""
+        jitter = u[:, 0] < self.jitter_p
+
+        def factor(col: int, key: str) -> np.ndarray:
+            return np.where(jitter, 1.0 + self.strengths[key] * (2.0 * u[:, col] - 1.0), 1.0)
+
+        return PhotometricParams(
+            brightness=factor(1, "brightness").astype(np.float32),
+            contrast=factor(2, "contrast").astype(np.float32),
+            saturation=factor(3, "saturation").astype(np.float32),
+            hue=np.where(jitter, self.strengths["hue"] * (2.0 * u[:, 4] - 1.0), 0.0).astype(np.float32),
+            grayscale=u[:, 5] < self.gray_p,
+            blur_window=np.where(u[:, 6] < self.blur_p[crop], self.window, 1).astype(np.int32),
+            blur_sigma=(self.sigma_lo + (self.sigma_hi - self.sigma_lo) * u[:, 7]).astype(np.float32),
+            solarize=(u[:, 8] < self.solarize_p[crop]).astype(np.float32),
+            solarize_threshold=self.solarize_threshold,
+        )
+
+
 def sample_photometric_params(crop: str, n: int, rng: np.random.Generator,
                               cfg: Mapping[str, Any]) -> PhotometricParams:
     """Draw the generic-op parameters of ``n`` crops of type ``crop`` (``global1``, ``global2``, ``local``).
 
     ``cfg`` is the ``data.augmentation.generic`` section. Exactly ``9 * n`` uniforms are drawn from ``rng``.
     """
-    if crop not in CROP_TYPES:
-        raise KeyError(f"unknown crop type {crop!r}; choose one of {CROP_TYPES}")
-    jitter_p = _probability(cfg, "color_jitter_p")
-    gray_p = _probability(cfg, "grayscale_p")
-    blur_p = _probability(cfg, "blur_p", crop)
-    solarize_p = _probability(cfg, "solarize_p", crop)
-    strengths = {k: float(cfg[k]) for k in ("brightness", "contrast", "saturation", "hue")}
-    for key, value in strengths.items():
-        if value < 0.0 or (key != "hue" and value > 1.0) or (key == "hue" and value > 0.5):
-            raise ValueError(f"augmentation.generic.{key}={value} out of range ([0, 1], hue [0, 0.5])")
-    sigma_lo, sigma_hi = (float(v) for v in cfg["blur_sigma"])
-    if not 0.0 < sigma_lo <= sigma_hi:
-        raise ValueError(f"augmentation.generic.blur_sigma={[sigma_lo, sigma_hi]} must be 0 < lo <= hi")
-    window = int(cfg["blur_window"])
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"augmentation.generic.blur_window={window} must be a positive odd integer")
-
-    u = rng.random((n, _DRAWS_PER_CROP))
-    jitter = u[:, 0] < jitter_p
-
-    def factor(col: int, key: str) -> np.ndarray:
-        return np.where(jitter, 1.0 + strengths[key] * (2.0 * u[:, col] - 1.0), 1.0)
-
-    return PhotometricParams(
-        brightness=factor(1, "brightness").astype(np.float32),
-        contrast=factor(2, "contrast").astype(np.float32),
-        saturation=factor(3, "saturation").astype(np.float32),
-        hue=np.where(jitter, strengths["hue"] * (2.0 * u[:, 4] - 1.0), 0.0).astype(np.float32),
-        grayscale=u[:, 5] < gray_p,
-        blur_window=np.where(u[:, 6] < blur_p, window, 1).astype(np.int32),
-        blur_sigma=(sigma_lo + (sigma_hi - sigma_lo) * u[:, 7]).astype(np.float32),
-        solarize=(u[:, 8] < solarize_p).astype(np.float32),
-        solarize_threshold=float(cfg["solarize_threshold"]),
-    )
+    policy = PhotometricPolicy(cfg, (crop,))
+    return policy.params(crop, rng.random((n, PHOTOMETRIC_DRAWS_PER_CROP)))
 
 
 def _clip(x: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,15 @@ import tifffile
 import torch
 
 from foundation.cli import main
-from foundation.config import load_config
+from foundation.config import load_config, to_dict
+from foundation.data.crops import draw_crops, plan_region
 from foundation.data.loader import build_loader
+from foundation.data.sampler import sample_rng
+from foundation.data.source import crop_types, photometric_batch_args, stain_batch_args
 from foundation.slides.index import TileIndex
+from stain.augment import sample_stain_params
+from stain.dali_ops import photometric_dali_args, stain_dali_args
+from stain.photometric import PhotometricParams, sample_photometric_params
 
 BATCH = 4
 PATCH = 16
@@ -204,6 +210,80 @@ def test_damaged_tiles_and_slides_are_replaced_and_counted(damaged: dict[str, ob
     assert ld.failed_reads >= doomed  # replacements may fail again: counted too
     assert all(b["global_crops"].shape[1] == BATCH for b in batches)
     assert all(torch.isfinite(b["global_crops"]).all() for b in batches)
+
+
+def per_sample_parameters(source, positions: np.ndarray, retries: np.ndarray) -> dict[str, np.ndarray]:
+    """The source's per-crop outputs the plain way: the public per-sample draws, one sample at a time, stacked."""
+    order, crops, layout = source.order, source.crops, source.layout
+    types = crop_types(crops.global_count, crops.local_count)
+    groups = list(dict.fromkeys(types))
+    rows: dict[str, list] = {}
+    for position, attempt in zip(positions.tolist(), retries.tolist(), strict=True):
+        entry = order.replacement(position, attempt) if attempt else int(order.entries([position])[0])
+        rng = sample_rng(order.seed, position, attempt)
+        row = {c: source.tiles[c][entry] for c in ("slide", "level", "x", "y", "size", "mpp")}
+        slide = int(row["slide"])
+        region = plan_region(row, source.slides[slide], crops, rng)
+        geometry = draw_crops(rng, region.side, region.side, crops)
+        m, t = stain_dali_args(*sample_stain_params([source.kinds[slide]] * layout.num_crops, rng,
+                                                    source.stain_cfg))
+        per_crop = {"roi_start": list(geometry.roi_start), "roi_end": list(geometry.roi_end),
+                    "angle": list(geometry.angle), "stain_m": m, "stain_t": t}
+        if layout.photometric:
+            drawn = [sample_photometric_params(g, types.count(g), rng, source.generic_cfg) for g in groups]
+            for c, crop_type in enumerate(types):
+                params = drawn[groups.index(crop_type)]
+                k = types[:c].count(crop_type)
+                fields = [f for f in PhotometricParams.__dataclass_fields__ if f != "solarize_threshold"]
+                one = PhotometricParams(**{f: getattr(params, f)[k:k + 1] for f in fields},
+                                        solarize_threshold=params.solarize_threshold)
+                for name, values in photometric_dali_args(one).items():
+                    per_crop.setdefault(name, []).append(values[0])
+        for name, values in per_crop.items():
+            for c, value in enumerate(values):
+                rows.setdefault(f"{name}{c}", []).append(value)
+        rows.setdefault("stain_id", []).append(source.slides[slide].stain_id)
+    return {name: np.stack(values) for name, values in rows.items()}
+
+
+@pytest.mark.parametrize("overrides", [(), ("data.crops.magnification=continuous",),
+                                       ("data.augmentation.generic.color_jitter_p=0",
+                                        "data.augmentation.generic.grayscale_p=0",
+                                        "data.augmentation.generic.blur_p={global1: 0, global2: 0, local: 0}",
+                                        "data.augmentation.generic.solarize_p={global1: 0, global2: 0, local: 0}")])
+def test_source_equals_the_per_sample_draws(index: TileIndex, damaged: dict[str, object], overrides: tuple):
+    """The source draws every sample from its own Generator but computes the parameters once per batch: bit for
+    bit the public per-sample functions, stacked (on the damaged index too, where samples are replaced)."""
+    not_drawn = ("region", "is_raw", "jpeg", "anchor", "shape", "marker_id", "retries", "masks", "sample_id")
+    for idx in (index, damaged["index"]):
+        ld = loader(idx, "data.pipeline.raw_tiles=always", "slides.reader=openslide", *overrides, batch=24)
+        source = ld.make_source(0)
+        replaced = 0
+        try:
+            for step in range(2):
+                out = dict(zip(source.layout.names, source(step), strict=True))
+                want = per_sample_parameters(source, out["sample_id"], out["retries"])
+                assert set(want) == {n for n in out if not n.startswith(not_drawn)}
+                for name, value in want.items():
+                    assert out[name].dtype == value.dtype and np.array_equal(out[name], value), name
+                replaced += int(out["retries"].sum())
+        finally:
+            source.close()
+        assert replaced > 0 or idx is index
+
+
+def test_batch_args_equal_the_stacked_dali_args():
+    rng = np.random.default_rng(0)
+    m, t = rng.random((5, 4, 3, 3)).astype(np.float32), rng.random((5, 4, 3)).astype(np.float32)
+    m_cols, t_cols = stain_batch_args(m, t)
+    for c in range(4):
+        m_c, t_c = stain_dali_args(m[:, c], t[:, c])
+        assert np.array_equal(m_cols[c], np.stack(m_c)) and np.array_equal(t_cols[c], np.stack(t_c))
+        assert m_cols[c].flags.c_contiguous and t_cols[c].dtype == np.float32
+    params = sample_photometric_params("global2", 7, rng, to_dict(load_config().data.augmentation.generic))
+    batch = photometric_batch_args(params)
+    for name, values in photometric_dali_args(params).items():
+        assert batch[name].dtype == np.stack(values).dtype and np.array_equal(batch[name], np.stack(values)), name
 
 
 def test_bad_pipeline_settings_are_named(index: TileIndex):

@@ -13,7 +13,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from foundation.config import load_config
-from foundation.data.crops import CropConfig, Region, crop_windows, draw_crops, plan_region
+from foundation.data.crops import (
+    CropConfig,
+    Region,
+    crop_uniform_count,
+    crop_windows,
+    crops_from_draws,
+    draw_crops,
+    plan_region,
+)
 from foundation.data.reading import SlideHandles, SlideInfo, split_span
 from foundation.slides.readers import open_slide
 
@@ -95,6 +103,27 @@ def test_drawn_crops_cover_all_eight_orientations():
     assert len(seen) == 16  # 2 x 2 flips x 4 turns: every one of the 8 orientations, each reachable two ways
     fixed = draw_crops(np.random.default_rng(0), 224, 224, crop_cfg(hflip_p=0.0, vflip_p=0.0, rot90=False))
     assert np.all(fixed.roi_start < fixed.roi_end) and np.all(fixed.angle == 0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"rot90": False}, {"ratio": [3.0, 4.0], "global_scale": [0.9, 1.0]}])
+def test_batched_crops_equal_one_region_at_a_time(kw: dict):
+    """The source turns a whole batch's draws into crops at once: bit for bit what draw_crops gives per region,
+    with regions of different sides, torchvision's fallback windows (no valid try) included."""
+    cfg = crop_cfg(**kw)
+    sides = np.array([7, 30, 224, 448, 1000, 96])
+    rngs = [np.random.default_rng(seed) for seed in range(len(sides))]
+    single = [draw_crops(np.random.default_rng(seed), int(s), int(s), cfg) for seed, s in enumerate(sides)]
+    u = np.stack([rng.random(crop_uniform_count(cfg)) for rng in rngs])
+    turns = (np.stack([rng.integers(0, 4, size=cfg.num_crops) for rng in rngs]) if cfg.rot90
+             else np.zeros((len(sides), cfg.num_crops), np.int64))
+    batch = crops_from_draws(u, turns, sides, sides, cfg)
+    for b, one in enumerate(single):
+        for field in ("roi_start", "roi_end", "angle"):
+            got, want = getattr(batch, field)[b], getattr(one, field)
+            assert got.dtype == want.dtype and np.array_equal(got, want), (b, field)
+    if "ratio" in kw:  # every window of the 7 px region is a fallback one: centred, nearest allowed ratio
+        windows = crop_windows(np.random.default_rng(0), 7, 7, np.array(cfg.crop_scales()), cfg.ratio, cfg.max_tries)
+        assert np.array_equal(windows[0], [2, 0, 2, 7])
 
 
 def test_continuous_magnification_reads_the_right_level(wsi: dict[str, Path]):

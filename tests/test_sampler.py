@@ -212,3 +212,8 @@ def test_replacements_and_sample_rngs_are_deterministic():
     assert sample_rng(1, 10).random() == sample_rng(1, 10).random()
     assert sample_rng(1, 10).random() != sample_rng(1, 11).random()
     assert sample_rng(1, 10, attempt=1).random() != sample_rng(1, 10).random()
+    # the spelled-out construction is default_rng's: the same stream (the samples of earlier runs keep their bits)
+    for seed, position, attempt in ((0, 0, 0), (1, 10, 2), (7, 2**40, 0)):
+        ref = np.random.default_rng([0x53414D50, seed, position, attempt])
+        rng = sample_rng(seed, position, attempt)
+        assert np.array_equal(rng.random(5), ref.random(5)) and rng.integers(0, 4) == ref.integers(0, 4)

@@ -11,7 +11,7 @@ import torch
 from skimage.color import hdx_from_rgb, hed2rgb, hed_from_rgb, rgb2hed, rgb_from_hdx, rgb_from_hed
 
 from foundation.config import load_config, to_dict
-from stain.augment import apply_stain_matrix, sample_stain_params
+from stain.augment import STAIN_DRAWS_PER_CROP, StainPolicy, apply_stain_matrix, sample_stain_params
 from stain.deconvolution import stain_jitter_transform
 
 LOG_FLOOR = np.log(1e-6)  # scikit-image's separate_stains floor and scale
@@ -201,3 +201,21 @@ def test_bad_configuration_is_named(stain_cfg: dict) -> None:
         sample_stain_params(["he"], rng, with_policy(stain_cfg, "he", basis="hed", sigma=1.5))
     with pytest.raises(ValueError, match=r"\[2, 3, 3\]"):
         apply_stain_matrix(torch.zeros(2, 4, 4, 3), np.zeros((1, 3, 3)), np.zeros((1, 3)))
+
+
+def test_policy_on_a_batch_equals_per_sample_draws(stain_cfg: dict) -> None:
+    """The source validates the policy once and converts a whole batch's uniforms at once: bit for bit what
+    sample_stain_params gives sample by sample (each sample's crops share a kind; kinds mix across samples)."""
+    crops = 10
+    kinds = ["he", "ihc", "unknown", "he", "ihc", "special"]
+    cfg = copy.deepcopy(stain_cfg)
+    cfg["p"] = 0.7  # some crops keep the identity
+    per_sample = [sample_stain_params([k] * crops, np.random.default_rng(s), cfg) for s, k in enumerate(kinds)]
+    policy = StainPolicy(cfg, ["unknown", "he", "ihc", "special"])
+    u = np.concatenate([np.random.default_rng(s).random((crops, STAIN_DRAWS_PER_CROP)) for s in range(len(kinds))])
+    m, t = policy.transforms(np.repeat(policy.ids(kinds), crops), u)
+    assert m.dtype == t.dtype == np.float32 and m.shape == (len(kinds) * crops, 3, 3)
+    assert np.array_equal(m, np.concatenate([p[0] for p in per_sample]))
+    assert np.array_equal(t, np.concatenate([p[1] for p in per_sample]))
+    with pytest.raises(KeyError, match="'weird'"):
+        StainPolicy(stain_cfg, ["he", "weird"])

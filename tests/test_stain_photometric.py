@@ -15,7 +15,9 @@ from skimage.color import hsv2rgb, rgb2hsv
 
 from foundation.config import load_config, to_dict
 from stain.photometric import (
+    PHOTOMETRIC_DRAWS_PER_CROP,
     PhotometricParams,
+    PhotometricPolicy,
     adjust_brightness,
     adjust_contrast,
     apply_color_affine,
@@ -234,3 +236,25 @@ def test_bad_configuration_is_named(generic_cfg: dict) -> None:
             sample_photometric_params("local", 2, rng, cfg)
     with pytest.raises(ValueError, match="2 images but parameters for 3"):
         apply_photometric(torch.zeros(2, 4, 4, 3), make_params(3))
+
+
+@pytest.mark.parametrize("crop", ["global1", "global2", "local"])
+def test_policy_equals_sample_photometric_params(crop: str, generic_cfg: dict) -> None:
+    """The source validates the section once (a policy) and converts one crop across the batch at a time: the
+    same parameters as sample_photometric_params from the same uniforms, also on a strided slice of them."""
+    n = 64
+    want = sample_photometric_params(crop, n, np.random.default_rng(5), generic_cfg)
+    u = np.random.default_rng(5).random((n, PHOTOMETRIC_DRAWS_PER_CROP))
+    strided = np.zeros((n, 3, PHOTOMETRIC_DRAWS_PER_CROP))
+    strided[:, 1] = u
+    policy = PhotometricPolicy(generic_cfg)
+    for got in (policy.params(crop, u), policy.params(crop, strided[:, 1])):
+        for field in PhotometricParams.__dataclass_fields__:
+            a, b = getattr(got, field), getattr(want, field)
+            assert np.array_equal(a, b) and np.asarray(a).dtype == np.asarray(b).dtype, field
+        assert np.array_equal(got.color_matrix, want.color_matrix)
+    cfg = copy.deepcopy(generic_cfg)
+    cfg["blur_p"]["local"] = 2.0
+    with pytest.raises(ValueError, match="blur_p.local=2.0"):
+        PhotometricPolicy(cfg)
+    PhotometricPolicy(cfg, ("global1", "global2"))  # only the crop types asked for are checked

@@ -93,57 +93,86 @@ def crop_windows(rng: np.random.Generator, height: int, width: int, scales: np.n
     ``scales`` is ``[C, 2]`` (area share range per crop). A fixed ``4 * max_tries * C`` uniforms are drawn; the
     first valid try wins, else the centred window of the nearest allowed aspect ratio (torchvision's fallback).
     """
-    n = scales.shape[0]
-    u = rng.random((n, max_tries, 4))
-    area = height * width * (scales[:, None, 0] + (scales[:, None, 1] - scales[:, None, 0]) * u[..., 0])
+    u = rng.random((scales.shape[0], max_tries, 4))
+    return windows_from_uniforms(u[None], np.array([height]), np.array([width]), scales, ratio)[0]
+
+
+def windows_from_uniforms(u: np.ndarray, heights: np.ndarray, widths: np.ndarray, scales: np.ndarray,
+                          ratio: tuple[float, float]) -> np.ndarray:
+    """:func:`crop_windows` of ``B`` regions from their uniforms ``u`` ``[B, C, max_tries, 4]``: ``[B, C, 4]``.
+
+    ``heights`` and ``widths`` are ``[B]`` ints. Every value is computed element by element as in the one-region
+    case, so a batch gives exactly the windows of its regions drawn one at a time.
+    """
+    heights = np.asarray(heights, dtype=np.int64)[:, None, None]
+    widths = np.asarray(widths, dtype=np.int64)[:, None, None]
+    area = heights * widths * (scales[:, None, 0] + (scales[:, None, 1] - scales[:, None, 0]) * u[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 1])
     w = np.rint(np.sqrt(area * aspect)).astype(np.int64)
     h = np.rint(np.sqrt(area / aspect)).astype(np.int64)
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    out = np.empty((n, 4), dtype=np.int64)
-    for c in range(n):
-        tries = np.flatnonzero(ok[c])
-        if tries.size:
-            t = tries[0]
-            hh, ww = int(h[c, t]), int(w[c, t])
-            y0 = int(u[c, t, 2] * (height - hh + 1))
-            x0 = int(u[c, t, 3] * (width - ww + 1))
-        else:
-            in_ratio = width / height
-            if in_ratio < ratio[0]:
-                ww, hh = width, round(width / ratio[0])
-            elif in_ratio > ratio[1]:
-                hh, ww = height, round(height * ratio[1])
-            else:
-                hh, ww = height, width
-            y0, x0 = (height - hh) // 2, (width - ww) // 2
-        out[c] = (y0, x0, hh, ww)
+    ok = (w > 0) & (w <= widths) & (h > 0) & (h <= heights)
+    first = ok.argmax(axis=-1)[..., None]  # the first valid try (0 where none is: fixed below)
+    hh = np.take_along_axis(h, first, axis=-1)[..., 0]
+    ww = np.take_along_axis(w, first, axis=-1)[..., 0]
+    u_first = np.take_along_axis(u, first[..., None], axis=-2)[..., 0, :]
+    out = np.empty((*hh.shape, 4), dtype=np.int64)
+    out[..., 0] = (u_first[..., 2] * (heights[..., 0] - hh + 1)).astype(np.int64)
+    out[..., 1] = (u_first[..., 3] * (widths[..., 0] - ww + 1)).astype(np.int64)
+    out[..., 2], out[..., 3] = hh, ww
+    for b, c in zip(*np.nonzero(~ok.any(axis=-1)), strict=True):
+        out[b, c] = _fallback_window(int(heights[b, 0, 0]), int(widths[b, 0, 0]), ratio)
     return out
+
+
+def _fallback_window(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """torchvision's window when no try is valid: centred, the nearest allowed aspect ratio."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        ww, hh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        hh, ww = height, round(height * ratio[1])
+    else:
+        hh, ww = height, width
+    return (height - hh) // 2, (width - ww) // 2, hh, ww
 
 
 @dataclass(frozen=True)
 class CropParams:
-    """Geometry of the ``C`` crops of one sample, in the form the pipeline consumes."""
+    """Geometry of the ``C`` crops of one sample (or ``[B, C, ...]`` of a batch), as the pipeline consumes it."""
 
     roi_start: np.ndarray  # [C, 2] float32 (y, x) in region pixels; start > end flips that axis
     roi_end: np.ndarray    # [C, 2] float32
     angle: np.ndarray      # [C] float32 degrees, a multiple of 90
 
 
+def crop_uniform_count(cfg: CropConfig) -> int:
+    """Uniforms :func:`draw_crops` takes in one call before its quarter turns: the windows', then the flips'."""
+    return cfg.num_crops * (4 * cfg.max_tries + 2)
+
+
 def draw_crops(rng: np.random.Generator, height: int, width: int, cfg: CropConfig) -> CropParams:
     """Windows, flips and quarter turns of every crop of a ``height x width`` region."""
-    windows = crop_windows(rng, height, width, np.array(cfg.crop_scales(), dtype=np.float64), cfg.ratio,
-                           cfg.max_tries)
-    n = windows.shape[0]
-    u = rng.random((n, 2))
-    turns = rng.integers(0, 4, size=n) if cfg.rot90 else np.zeros(n, dtype=np.int64)
-    y0, x0, h, w = windows.T
-    start = np.stack([y0, x0], axis=1).astype(np.float32)
-    end = np.stack([y0 + h, x0 + w], axis=1).astype(np.float32)
-    vflip, hflip = u[:, 0] < cfg.vflip_p, u[:, 1] < cfg.hflip_p
-    for axis, flip in ((0, vflip), (1, hflip)):
-        start[flip, axis], end[flip, axis] = end[flip, axis].copy(), start[flip, axis].copy()
+    # one call for the windows' and the flips' uniforms: the same numbers as two calls in that order
+    u = rng.random(crop_uniform_count(cfg))
+    turns = rng.integers(0, 4, size=cfg.num_crops) if cfg.rot90 else np.zeros(cfg.num_crops, dtype=np.int64)
+    batch = crops_from_draws(u[None], turns[None], np.array([height]), np.array([width]), cfg)
+    return CropParams(roi_start=batch.roi_start[0], roi_end=batch.roi_end[0], angle=batch.angle[0])
+
+
+def crops_from_draws(u: np.ndarray, turns: np.ndarray, heights: np.ndarray, widths: np.ndarray,
+                     cfg: CropConfig) -> CropParams:
+    """:func:`draw_crops` of ``B`` regions from their draws: ``u`` ``[B, crop_uniform_count]``, ``turns``
+    ``[B, C]``, region sides ``[B]``; the parameters are ``[B, C, ...]``."""
+    n = cfg.num_crops
+    windows = windows_from_uniforms(u[:, :4 * cfg.max_tries * n].reshape(-1, n, cfg.max_tries, 4), heights, widths,
+                                    np.array(cfg.crop_scales(), dtype=np.float64), cfg.ratio)
+    flips = u[:, 4 * cfg.max_tries * n:].reshape(-1, n, 2)
+    y0, x0, h, w = np.moveaxis(windows, -1, 0)
+    start = np.stack([y0, x0], axis=-1).astype(np.float32)
+    end = np.stack([y0 + h, x0 + w], axis=-1).astype(np.float32)
+    flip = np.stack([flips[..., 0] < cfg.vflip_p, flips[..., 1] < cfg.hflip_p], axis=-1)
+    start, end = np.where(flip, end, start), np.where(flip, start, end)
     return CropParams(roi_start=start, roi_end=end, angle=(90.0 * turns).astype(np.float32))
 
 

@@ -54,6 +54,11 @@ class MaskingGenerator:
 
     def propose_block(self, rng: np.random.Generator, cap: float) -> Block | None:
         """A random block, area uniform between ``min_num_patches`` and ``cap``; ``None`` if it does not fit."""
+        block = self._propose(rng, cap)
+        return Block(*block) if block is not None else None
+
+    def _propose(self, rng: np.random.Generator, cap: float) -> tuple[int, int, int, int] | None:
+        """:meth:`propose_block` as a plain ``(top, left, height, width)`` (the hot loop of a batch's masks)."""
         # between the two bounds even when cap < min_num_patches (then small blocks finish the mask), as in BEiT
         area = self.min_num_patches + (cap - self.min_num_patches) * rng.random()
         aspect = math.exp(rng.uniform(*self.log_aspect))
@@ -64,16 +69,17 @@ class MaskingGenerator:
             return None
         top = int(rng.integers(0, self.rows - height + 1))
         left = int(rng.integers(0, self.cols - width + 1))
-        return Block(top, left, height, width)
+        return top, left, height, width
 
     def add_block(self, mask: np.ndarray, rng: np.random.Generator, cap: float) -> int:
         """Try up to ``max_attempts`` blocks; mark the first adding 1..cap new patches. Returns patches added."""
         for _ in range(self.max_attempts):
-            block = self.propose_block(rng, cap)
+            block = self._propose(rng, cap)
             if block is None:
                 continue
-            window = mask[block.top:block.top + block.height, block.left:block.left + block.width]
-            new = window.size - int(window.sum())
+            top, left, height, width = block
+            window = mask[top:top + height, left:left + width]
+            new = height * width - np.count_nonzero(window)
             if 0 < new <= cap:
                 window[...] = True
                 return new
@@ -82,13 +88,17 @@ class MaskingGenerator:
     def __call__(self, target: int, rng: np.random.Generator) -> np.ndarray:
         """A ``[rows, cols]`` bool mask with at most ``target`` patches (fewer when no block fits any more)."""
         mask = np.zeros((self.rows, self.cols), dtype=bool)
+        self.fill(mask, target, rng)
+        return mask
+
+    def fill(self, mask: np.ndarray, target: int, rng: np.random.Generator) -> None:
+        """Grow blocks into the empty ``mask`` in place, as :meth:`__call__` does."""
         count = 0
         while count < target:
             added = self.add_block(mask, rng, min(target - count, self.max_num_patches))
             if added == 0:
                 break
             count += added
-        return mask
 
 
 def mask_targets(num_images: int, num_patches: int, rng: np.random.Generator,
@@ -113,5 +123,7 @@ def ibot_masks(num_global: int, batch_size: int, grid: tuple[int, int], rng: np.
     """Bool masks ``[G, B, N]`` (crop-major, as in the batch contract) for ``G`` global crops of ``B`` samples."""
     generator = MaskingGenerator(grid, cfg)
     targets = mask_targets(num_global * batch_size, generator.num_patches, rng, cfg)
-    masks = np.stack([generator(int(t), rng).reshape(-1) for t in targets])
+    masks = np.zeros((len(targets), generator.rows, generator.cols), dtype=bool)
+    for mask, target in zip(masks, targets.tolist(), strict=True):
+        generator.fill(mask, target, rng)
     return torch.from_numpy(masks.reshape(num_global, batch_size, generator.num_patches))

@@ -8,26 +8,31 @@ Per sample at global position ``g``: entry ``e`` of the global order; Generator 
 draws the region (magnification), the crop windows/flips/turns, the stain jitter and the photometric jitter, in
 that order. A read that fails is retried with a weighted substitute entry (``GlobalOrder.replacement``) and the
 next attempt's Generator; the number of failed attempts travels with the sample (``retries``) so the loader can
-count them whatever process read it. iBOT masks depend on the batch (DINOv2 spreads mask ratios over it): they
+count them whatever process read it. Per sample only the Generator, the read and the raw uniforms are handled in
+Python; the parameters are computed from the stored uniforms once per batch (element by element, so bit for bit
+what the per-sample functions ``draw_crops``, ``sample_stain_params`` and ``sample_photometric_params`` give; a
+test pins this). iBOT masks depend on the batch (DINOv2 spreads mask ratios over it): they
 come from a Generator seeded by the batch's first position.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from foundation.data.crops import CropConfig, Region, draw_crops, plan_region
+from foundation.data.crops import CropConfig, Region, crop_uniform_count, crops_from_draws, plan_region
 from foundation.data.masking import ibot_masks
 from foundation.data.reading import PathPlan, RawPieces, ReadError, SlideHandles, SlideInfo
 from foundation.data.sampler import GlobalOrder, Shard, sample_rng
-from stain.augment import sample_stain_params
-from stain.dali_ops import PHOTOMETRIC_INPUTS, photometric_dali_args, stain_dali_args
-from stain.photometric import PhotometricParams, sample_photometric_params
+from stain.augment import STAIN_DRAWS_PER_CROP, StainPolicy
+from stain.dali_ops import PHOTOMETRIC_INPUTS
+from stain.deconvolution import MAX_LEVEL
+from stain.photometric import PHOTOMETRIC_DRAWS_PER_CROP, PhotometricParams, PhotometricPolicy
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +91,49 @@ class SourceLayout:
         return self.num_global + self.num_local
 
 
+def stain_batch_args(m: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`stain.dali_ops.stain_dali_args` of ``[B, C]`` crops as crop-major arrays: ``[C, B, 3, 3]`` and
+    ``[C, B, 3]`` float32, each ``[c]`` one C-contiguous batch (the same values as stacking the per-sample list)."""
+    m_cols = np.ascontiguousarray(m.transpose(1, 0, 3, 2), dtype=np.float32)
+    return m_cols, np.ascontiguousarray((t - math.log(MAX_LEVEL)).transpose(1, 0, 2), dtype=np.float32)
+
+
+def photometric_batch_args(params: PhotometricParams) -> dict[str, np.ndarray]:
+    """:func:`stain.dali_ops.photometric_dali_args` as one array per input (the per-sample list, stacked)."""
+    return {
+        "color_matrix": np.ascontiguousarray(params.color_matrix.transpose(0, 2, 1), dtype=np.float32),
+        "mean_weight": np.ascontiguousarray(params.mean_weight, dtype=np.float32),
+        "blur_window": np.ascontiguousarray(params.blur_window, dtype=np.int32),
+        "blur_sigma": np.ascontiguousarray(params.blur_sigma, dtype=np.float32),
+        "solarize": np.ascontiguousarray(params.solarize, dtype=np.float32),
+    }
+
+
 @dataclass
-class _Sample:
-    position: int
-    entry: int
-    retries: int
-    region: np.ndarray | None
-    pieces: RawPieces | None
-    crops: Any
-    stain_m: np.ndarray
-    stain_t: np.ndarray
-    photometric: list[PhotometricParams]
+class _Draws:
+    """What the per-sample loop of one batch collects; row ``b`` is the sample at the batch's ``b``-th position.
+
+    The uniforms are stored as drawn, so the parameters are computed once for the whole batch afterwards.
+    """
+
+    entries: np.ndarray                # [B] int64: the entry read (a substitute after failed reads)
+    slides: np.ndarray                 # [B] int64
+    retries: np.ndarray                # [B] int32: failed attempts before it
+    sides: np.ndarray                  # [B] int64: region side in pixels
+    regions: list[np.ndarray | None]   # decoded region (region path)
+    pieces: list[RawPieces | None]     # compressed pieces (raw-tile path)
+    crop_u: np.ndarray                 # [B, crop_uniform_count]: windows, then flips
+    turns: np.ndarray                  # [B, C] int64 quarter turns
+    jitter_u: np.ndarray               # [B, 7 C (+ 9 C)]: stain, then photometric uniforms
+
+    @classmethod
+    def empty(cls, batch: int, crops: CropConfig, photometric: bool) -> _Draws:
+        jitter = STAIN_DRAWS_PER_CROP + (PHOTOMETRIC_DRAWS_PER_CROP if photometric else 0)
+        return cls(entries=np.zeros(batch, np.int64), slides=np.zeros(batch, np.int64),
+                   retries=np.zeros(batch, np.int32), sides=np.zeros(batch, np.int64), regions=[None] * batch,
+                   pieces=[None] * batch, crop_u=np.empty((batch, crop_uniform_count(crops))),
+                   turns=np.zeros((batch, crops.num_crops), np.int64),
+                   jitter_u=np.empty((batch, jitter * crops.num_crops)))
 
 
 class BatchSource:
@@ -127,6 +164,12 @@ class BatchSource:
         self.handles = SlideHandles(slides, reader, self.max_open)
         self._types = crop_types(crops.global_count, crops.local_count)
         self._warned: set[int] = set()
+        # validated once here instead of on every sample
+        self._stain = StainPolicy(self.stain_cfg, kinds)
+        self._stain_of_slide = self._stain.ids(kinds)
+        self._photometric = PhotometricPolicy(self.generic_cfg, self._types) if layout.photometric else None
+        self._stain_ids = np.array([s.stain_id for s in slides], np.int64)
+        self._marker_ids = np.array([s.marker_id for s in slides], np.int64)
 
     # -------------------------------------------------------------------------------------------- one sample
 
@@ -143,19 +186,23 @@ class BatchSource:
                                 f"{self.layout.plan.slots}x{self.layout.plan.slots} raw-tile grid")
         return self.handles.read_region(slide, region), None
 
-    def sample(self, position: int) -> _Sample:
-        """Everything about the sample at ``position``; failed reads are replaced (up to ``max_retries``)."""
-        entry = int(self.order.entries([position])[0])
+    def _sample(self, draws: _Draws, b: int, position: int, row: dict[str, Any]) -> None:
+        """Read the sample at ``position`` (index ``row`` of its entry) and store its draws as row ``b``.
+
+        A failed read is replaced (up to ``max_retries``). Draw order per Generator: region, crop windows and
+        flips, quarter turns, stain, photometric.
+        """
+        entry = int(draws.entries[b])
         last_error: Exception | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 entry = self.order.replacement(position, attempt)
+                row = self._entry_row(entry)
             rng = sample_rng(self.order.seed, position, attempt)
-            row = self._entry_row(entry)
             slide = int(row["slide"])
             try:
                 region = plan_region(row, self.slides[slide], self.crops, rng)
-                pixels, pieces = self._read(slide, region)
+                draws.regions[b], draws.pieces[b] = self._read(slide, region)
             except ReadError as err:
                 last_error = err
                 # one warning per slide; every failure is still counted (``retries``) and reported by the loader
@@ -163,15 +210,12 @@ class BatchSource:
                 self._warned.add(slide)
                 log.log(level, "sample %d, attempt %d: %s; replacing it", position, attempt, err)
                 continue
-            crops = draw_crops(rng, region.side, region.side, self.crops)
-            kind = self.kinds[slide]
-            stain_m, stain_t = sample_stain_params([kind] * self.layout.num_crops, rng, self.stain_cfg)
-            photometric = []
-            if self.layout.photometric:
-                for crop_type in dict.fromkeys(self._types):
-                    photometric.append(sample_photometric_params(crop_type, self._types.count(crop_type), rng,
-                                                                 self.generic_cfg))
-            return _Sample(position, entry, attempt, pixels, pieces, crops, stain_m, stain_t, photometric)
+            draws.entries[b], draws.slides[b], draws.retries[b], draws.sides[b] = entry, slide, attempt, region.side
+            rng.random(out=draws.crop_u[b])
+            if self.crops.rot90:
+                draws.turns[b] = rng.integers(0, 4, size=self.crops.num_crops)
+            rng.random(out=draws.jitter_u[b])
+            return
         raise RuntimeError(f"sample {position}: {self.max_retries + 1} reads failed in a row (raise "
                            f"data.pipeline.max_read_retries or check the slides); last error: {last_error}")
 
@@ -180,56 +224,72 @@ class BatchSource:
     def batch_positions(self, iteration: int) -> np.ndarray:
         return self.shard.positions(self.start, iteration)
 
+    def draw(self, positions: np.ndarray) -> _Draws:
+        """Read every sample of a batch and collect its draws."""
+        draws = _Draws.empty(len(positions), self.crops, self.layout.photometric)
+        draws.entries[:] = self.order.entries(positions)
+        columns = [self.tiles[c][draws.entries].tolist() for c in _INDEX_COLUMNS]
+        for b, (position, *values) in enumerate(zip(positions.tolist(), *columns, strict=True)):
+            self._sample(draws, b, position, dict(zip(_INDEX_COLUMNS, values, strict=True)))
+        return draws
+
     def __call__(self, batch_info: Any) -> tuple[Any, ...]:
         iteration = batch_info.iteration if hasattr(batch_info, "iteration") else int(batch_info)
         positions = self.batch_positions(iteration)
-        samples = [self.sample(int(p)) for p in positions]
+        draws = self.draw(positions)
         out: dict[str, Any] = {}
         graph = self.layout.plan.graph
         if graph in ("region", "mixed"):
-            out["region"] = [s.region if s.region is not None else _PLACEHOLDER_REGION for s in samples]
+            out["region"] = [r if r is not None else _PLACEHOLDER_REGION for r in draws.regions]
         if graph == "mixed":
-            out["is_raw"] = np.array([s.pieces is not None for s in samples])
+            out["is_raw"] = np.array([p is not None for p in draws.pieces])
         if graph in ("raw", "mixed"):
-            for p in range(self.layout.plan.slots**2):
-                out[f"jpeg{p}"] = [s.pieces.jpegs[p] if s.pieces else _PLACEHOLDER_JPEG for s in samples]
-                rects = np.stack([s.pieces.rects[p] if s.pieces else np.ones(4, np.int32) for s in samples])
-                out[f"anchor{p}"] = np.ascontiguousarray(rects[:, :2])
-                out[f"shape{p}"] = np.ascontiguousarray(rects[:, 2:])
-        self._crop_outputs(samples, out)
-        out["stain_id"] = np.array([self.slides[self.tiles["slide"][s.entry]].stain_id for s in samples], np.int64)
-        out["marker_id"] = np.array([self.slides[self.tiles["slide"][s.entry]].marker_id for s in samples], np.int64)
-        out["retries"] = np.array([s.retries for s in samples], np.int32)
+            self._piece_outputs(draws.pieces, out)
+        self._crop_outputs(draws, out)
+        out["stain_id"] = self._stain_ids[draws.slides]
+        out["marker_id"] = self._marker_ids[draws.slides]
+        out["retries"] = draws.retries
         if self.layout.masks:
             rng = np.random.default_rng([_STREAM_MASK, self.order.seed, int(positions[0])])
-            masks = ibot_masks(self.crops.global_count, len(samples), self.mask_grid, rng, self.masking).numpy()
+            masks = ibot_masks(self.crops.global_count, len(positions), self.mask_grid, rng, self.masking).numpy()
             out["masks"] = np.ascontiguousarray(masks.transpose(1, 0, 2))  # DALI batches are sample-major
         if self.layout.sample_ids:
             out["sample_id"] = positions.copy()
         return tuple(out[name] for name in self.layout.names)
 
-    def _crop_outputs(self, samples: list[_Sample], out: dict[str, Any]) -> None:
-        stain_m = np.stack([s.stain_m for s in samples])  # [B, C, 3, 3]
-        stain_t = np.stack([s.stain_t for s in samples])
-        for c in range(self.layout.num_crops):
-            out[f"roi_start{c}"] = np.stack([s.crops.roi_start[c] for s in samples])
-            out[f"roi_end{c}"] = np.stack([s.crops.roi_end[c] for s in samples])
-            out[f"angle{c}"] = np.array([s.crops.angle[c] for s in samples], np.float32)
-            m, t = stain_dali_args(stain_m[:, c], stain_t[:, c])
-            out[f"stain_m{c}"], out[f"stain_t{c}"] = np.stack(m), np.stack(t)
-        if not self.layout.photometric:
+    def _piece_outputs(self, pieces: list[RawPieces | None], out: dict[str, Any]) -> None:
+        slots = self.layout.plan.slots**2
+        rects = np.ones((len(pieces), slots, 4), np.int32)  # placeholder rectangle where a sample has no pieces
+        for b, piece in enumerate(pieces):
+            if piece is not None:
+                rects[b] = piece.rects
+        for p in range(slots):
+            out[f"jpeg{p}"] = [s.jpegs[p] if s else _PLACEHOLDER_JPEG for s in pieces]
+            out[f"anchor{p}"] = np.ascontiguousarray(rects[:, p, :2])
+            out[f"shape{p}"] = np.ascontiguousarray(rects[:, p, 2:])
+
+    def _crop_outputs(self, draws: _Draws, out: dict[str, Any]) -> None:
+        """Per-crop outputs from the batch's draws, each computed once for the batch (crop-major)."""
+        batch, n = len(draws.sides), self.layout.num_crops
+        crops = crops_from_draws(draws.crop_u, draws.turns, draws.sides, draws.sides, self.crops)
+        roi_start = np.ascontiguousarray(crops.roi_start.transpose(1, 0, 2))  # [C, B, 2]
+        roi_end = np.ascontiguousarray(crops.roi_end.transpose(1, 0, 2))
+        angle = np.ascontiguousarray(crops.angle.T)
+        stain_u = draws.jitter_u[:, :STAIN_DRAWS_PER_CROP * n].reshape(batch * n, STAIN_DRAWS_PER_CROP)
+        m, t = self._stain.transforms(np.repeat(self._stain_of_slide[draws.slides], n), stain_u)
+        stain_m, stain_t = stain_batch_args(m.reshape(batch, n, 3, 3), t.reshape(batch, n, 3))
+        for c in range(n):
+            out[f"roi_start{c}"], out[f"roi_end{c}"], out[f"angle{c}"] = roi_start[c], roi_end[c], angle[c]
+            out[f"stain_m{c}"], out[f"stain_t{c}"] = stain_m[c], stain_t[c]
+        if self._photometric is None:
             return
-        groups = list(dict.fromkeys(self._types))
+        photometric_u = draws.jitter_u[:, STAIN_DRAWS_PER_CROP * n:].reshape(batch, n, PHOTOMETRIC_DRAWS_PER_CROP)
         for c, crop_type in enumerate(self._types):
-            g, k = groups.index(crop_type), self._types[:c].count(crop_type)
-            per_sample = [s.photometric[g] for s in samples]
-            params = PhotometricParams(
-                **{f: np.stack([getattr(p, f)[k] for p in per_sample]) for f in PhotometricParams.__dataclass_fields__
-                   if f != "solarize_threshold"},
-                solarize_threshold=per_sample[0].solarize_threshold,
-            )
-            for name, values in photometric_dali_args(params).items():
-                out[f"{name}{c}"] = np.stack(values)
+            # one crop across the batch at a time: the colour matrices are computed over exactly the arrays they
+            # were computed over per crop before (the same shapes give the same bits)
+            params = self._photometric.params(crop_type, photometric_u[:, c])
+            for name, values in photometric_batch_args(params).items():
+                out[f"{name}{c}"] = values
 
     def __getstate__(self) -> dict[str, Any]:
         """For spawned reader processes: open slide handles stay behind; memory-mapped index columns travel as
