@@ -219,7 +219,7 @@ def tiny_run(rank: int, overrides: list[str], result_path: str, loader_kwargs: M
 
     from foundation.config import load_config
     from foundation.train import trainer
-    from foundation.train.engine import init_distributed
+    from foundation.train.engine import init_distributed, transformer_blocks
     from foundation.train.loop import NonFiniteLossError
 
     cfg = load_config(overrides=overrides)
@@ -241,6 +241,7 @@ def tiny_run(rank: int, overrides: list[str], result_path: str, loader_kwargs: M
     names = [n for n, _ in objective.named_parameters()]
     out["student"] = {n: safe_get_full_fp32_param(p).float().cpu() for n, p in objective.named_parameters()}
     out["student_names"] = names
+    out["compiled_blocks"] = sum(b._compiled_call_impl is not None for b in transformer_blocks(objective))
     out["state"] = result.state.state_dict()
     out["position"] = loader.position
     if result.teacher is not None:
