@@ -7,6 +7,8 @@
 #   call 3  carry [".gpu/dali/02"]               bash benchmarks/gpu_check.sh stash   # (only if there are 4 parts)
 #   call N  carry [".gpu/dali/NN"]               bash benchmarks/gpu_check.sh data    # DALI: GPU tests, bench data, e2e
 #   or, with everything carried at once (a machine with the packages): bash benchmarks/gpu_check.sh all
+#   With 15 device minutes, the order that worked on 2026-11-26: `stash` with 00, 01 (+ .gpu/data), 02; then
+#   `data` with .gpu/ess + 03 (BUDGET_S=125: ~2 min); then `step` (SWEEP=core BUDGET_S=195: ~2.5 min); give back.
 #
 # Calls must follow each other within the machine's warm period (30 s): each stashes what it carried under
 # /tmp/gpu_stage (outside the repository) and installs what it can. Results: $OUT/<part>.log (everything),
