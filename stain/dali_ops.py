@@ -34,22 +34,23 @@ def _on(node: DataNode, device: str) -> DataNode:
     return node.gpu() if device == "gpu" and node.device != "gpu" else node
 
 
-def _column_major(m: np.ndarray) -> list[np.ndarray]:
-    """Row-vector matrices ``x @ M`` -> ``coord_transform``'s ``out = M' * in``, one C-contiguous array each."""
-    return [np.ascontiguousarray(mi.T, dtype=np.float32) for mi in np.asarray(m)]
+def _column_major(m: np.ndarray) -> np.ndarray:
+    """Row-vector matrices ``x @ M`` -> ``coord_transform``'s ``out = M' * in``: ``[..., 3, 3]`` float32,
+    C-contiguous (a batch of them, or any slice along the leading axes, feeds DALI as is)."""
+    return np.ascontiguousarray(np.swapaxes(np.asarray(m), -1, -2), dtype=np.float32)
 
 
-def stain_dali_args(m: np.ndarray, t: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per-sample ``(M, T)`` for :func:`stain_augment` from :func:`~stain.augment.sample_stain_params` output.
+def stain_dali_args(m: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(M, T)`` for :func:`stain_augment` from :func:`~stain.augment.sample_stain_params` output.
 
-    ``M`` is transposed to DALI's column convention; ``ln(255)`` is folded into ``T`` so the output step is a
-    single ``exp`` (``exp(-(OD' - ln 255)) = 255 * exp(-OD')``).
+    ``m`` is ``[..., 3, 3]`` and ``t`` ``[..., 3]`` with the same leading axes (a batch ``[N]``, or ``[C, N]`` for
+    one batch per crop); float32, C-contiguous. ``M`` is transposed to DALI's column convention; ``ln(255)`` is
+    folded into ``T`` so the output step is a single ``exp`` (``exp(-(OD' - ln 255)) = 255 * exp(-OD')``).
     """
     m, t = np.asarray(m), np.asarray(t)
-    if m.ndim != 3 or m.shape[1:] != (3, 3) or t.shape != (m.shape[0], 3):
+    if m.ndim < 3 or m.shape[-2:] != (3, 3) or t.shape != m.shape[:-1]:
         raise ValueError(f"M must be [N, 3, 3] and T [N, 3], got {m.shape} and {t.shape}")
-    shift = math.log(MAX_LEVEL)
-    return _column_major(m), [np.ascontiguousarray(ti - shift, dtype=np.float32) for ti in t]
+    return _column_major(m), np.ascontiguousarray(t - math.log(MAX_LEVEL), dtype=np.float32)
 
 
 def stain_augment(images: DataNode, m: DataNode, t: DataNode, device: str = "cpu") -> DataNode:
@@ -64,14 +65,14 @@ def stain_augment(images: DataNode, m: DataNode, t: DataNode, device: str = "cpu
     return dmath.min(dmath.exp(-shifted), MAX_LEVEL)
 
 
-def photometric_dali_args(params: PhotometricParams) -> dict[str, list[np.ndarray]]:
-    """Per-sample arrays for the :data:`PHOTOMETRIC_INPUTS` nodes of :func:`photometric_augment`."""
+def photometric_dali_args(params: PhotometricParams) -> dict[str, np.ndarray]:
+    """One batch array per :data:`PHOTOMETRIC_INPUTS` node of :func:`photometric_augment`."""
     return {
         "color_matrix": _column_major(params.color_matrix),
-        "mean_weight": [np.float32(v) for v in params.mean_weight],
-        "blur_window": [np.int32(v) for v in params.blur_window],
-        "blur_sigma": [np.float32(v) for v in params.blur_sigma],
-        "solarize": [np.float32(v) for v in params.solarize],
+        "mean_weight": np.ascontiguousarray(params.mean_weight, dtype=np.float32),
+        "blur_window": np.ascontiguousarray(params.blur_window, dtype=np.int32),
+        "blur_sigma": np.ascontiguousarray(params.blur_sigma, dtype=np.float32),
+        "solarize": np.ascontiguousarray(params.solarize, dtype=np.float32),
     }
 
 

@@ -16,7 +16,7 @@ from foundation.config import load_config, to_dict
 from foundation.data.crops import draw_crops, plan_region
 from foundation.data.loader import build_loader
 from foundation.data.sampler import sample_rng
-from foundation.data.source import crop_types, photometric_batch_args, stain_batch_args
+from foundation.data.source import crop_types
 from foundation.slides.index import TileIndex
 from stain.augment import sample_stain_params
 from stain.dali_ops import photometric_dali_args, stain_dali_args
@@ -272,18 +272,22 @@ def test_source_equals_the_per_sample_draws(index: TileIndex, damaged: dict[str,
         assert replaced > 0 or idx is index
 
 
-def test_batch_args_equal_the_stacked_dali_args():
+def test_batched_dali_args_equal_the_per_sample_ones():
+    """The source converts a whole [C, B] batch at once; each crop's batch equals the per-sample conversion."""
     rng = np.random.default_rng(0)
     m, t = rng.random((5, 4, 3, 3)).astype(np.float32), rng.random((5, 4, 3)).astype(np.float32)
-    m_cols, t_cols = stain_batch_args(m, t)
+    m_cols, t_cols = stain_dali_args(m.transpose(1, 0, 2, 3), t.transpose(1, 0, 2))
     for c in range(4):
-        m_c, t_c = stain_dali_args(m[:, c], t[:, c])
-        assert np.array_equal(m_cols[c], np.stack(m_c)) and np.array_equal(t_cols[c], np.stack(t_c))
+        per_sample = [stain_dali_args(m[b:b + 1, c], t[b:b + 1, c]) for b in range(5)]
+        m_c, t_c = np.concatenate([x for x, _ in per_sample]), np.concatenate([y for _, y in per_sample])
+        assert np.array_equal(m_cols[c], m_c) and np.array_equal(t_cols[c], t_c)
         assert m_cols[c].flags.c_contiguous and t_cols[c].dtype == np.float32
     params = sample_photometric_params("global2", 7, rng, to_dict(load_config().data.augmentation.generic))
-    batch = photometric_batch_args(params)
-    for name, values in photometric_dali_args(params).items():
-        assert batch[name].dtype == np.stack(values).dtype and np.array_equal(batch[name], np.stack(values)), name
+    batch = photometric_dali_args(params)
+    assert np.array_equal(batch["color_matrix"], np.stack([c.T for c in params.color_matrix]).astype(np.float32))
+    for name in ("mean_weight", "blur_sigma", "solarize"):
+        assert batch[name].dtype == np.float32 and np.array_equal(batch[name], getattr(params, name)), name
+    assert batch["blur_window"].dtype == np.int32 and np.array_equal(batch["blur_window"], params.blur_window)
 
 
 def test_bad_pipeline_settings_are_named(index: TileIndex):

@@ -18,7 +18,6 @@ come from a Generator seeded by the batch's first position.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +29,8 @@ from foundation.data.masking import ibot_masks
 from foundation.data.reading import PathPlan, RawPieces, ReadError, SlideHandles, SlideInfo
 from foundation.data.sampler import GlobalOrder, Shard, sample_rng
 from stain.augment import STAIN_DRAWS_PER_CROP, StainPolicy
-from stain.dali_ops import PHOTOMETRIC_INPUTS
-from stain.deconvolution import MAX_LEVEL
-from stain.photometric import PHOTOMETRIC_DRAWS_PER_CROP, PhotometricParams, PhotometricPolicy
+from stain.dali_ops import PHOTOMETRIC_INPUTS, photometric_dali_args, stain_dali_args
+from stain.photometric import PHOTOMETRIC_DRAWS_PER_CROP, PhotometricPolicy
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +87,6 @@ class SourceLayout:
     @property
     def num_crops(self) -> int:
         return self.num_global + self.num_local
-
-
-def stain_batch_args(m: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`stain.dali_ops.stain_dali_args` of ``[B, C]`` crops as crop-major arrays: ``[C, B, 3, 3]`` and
-    ``[C, B, 3]`` float32, each ``[c]`` one C-contiguous batch (the same values as stacking the per-sample list)."""
-    m_cols = np.ascontiguousarray(m.transpose(1, 0, 3, 2), dtype=np.float32)
-    return m_cols, np.ascontiguousarray((t - math.log(MAX_LEVEL)).transpose(1, 0, 2), dtype=np.float32)
-
-
-def photometric_batch_args(params: PhotometricParams) -> dict[str, np.ndarray]:
-    """:func:`stain.dali_ops.photometric_dali_args` as one array per input (the per-sample list, stacked)."""
-    return {
-        "color_matrix": np.ascontiguousarray(params.color_matrix.transpose(0, 2, 1), dtype=np.float32),
-        "mean_weight": np.ascontiguousarray(params.mean_weight, dtype=np.float32),
-        "blur_window": np.ascontiguousarray(params.blur_window, dtype=np.int32),
-        "blur_sigma": np.ascontiguousarray(params.blur_sigma, dtype=np.float32),
-        "solarize": np.ascontiguousarray(params.solarize, dtype=np.float32),
-    }
 
 
 @dataclass
@@ -277,7 +257,9 @@ class BatchSource:
         angle = np.ascontiguousarray(crops.angle.T)
         stain_u = draws.jitter_u[:, :STAIN_DRAWS_PER_CROP * n].reshape(batch * n, STAIN_DRAWS_PER_CROP)
         m, t = self._stain.transforms(np.repeat(self._stain_of_slide[draws.slides], n), stain_u)
-        stain_m, stain_t = stain_batch_args(m.reshape(batch, n, 3, 3), t.reshape(batch, n, 3))
+        # crop-major: [C, B, ...], each [c] one C-contiguous batch
+        stain_m, stain_t = stain_dali_args(m.reshape(batch, n, 3, 3).transpose(1, 0, 2, 3),
+                                           t.reshape(batch, n, 3).transpose(1, 0, 2))
         for c in range(n):
             out[f"roi_start{c}"], out[f"roi_end{c}"], out[f"angle{c}"] = roi_start[c], roi_end[c], angle[c]
             out[f"stain_m{c}"], out[f"stain_t{c}"] = stain_m[c], stain_t[c]
@@ -288,7 +270,7 @@ class BatchSource:
             # one crop across the batch at a time: the colour matrices are computed over exactly the arrays they
             # were computed over per crop before (the same shapes give the same bits)
             params = self._photometric.params(crop_type, photometric_u[:, c])
-            for name, values in photometric_batch_args(params).items():
+            for name, values in photometric_dali_args(params).items():
                 out[f"{name}{c}"] = values
 
     def __getstate__(self) -> dict[str, Any]:
