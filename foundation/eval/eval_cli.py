@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from foundation.config import ConfigError, to_dict
 from foundation.eval.baselines import BASELINES, ColorHistogram
@@ -29,7 +27,7 @@ from foundation.eval.cli_common import (
 )
 from foundation.eval.embed import FeatureSource, extract, loader
 from foundation.eval.metrics import CLASSIFICATION_METRICS
-from foundation.eval.report import markdown_table, write_report
+from foundation.eval.report import markdown_table, publish_report
 from foundation.eval.tiles import TileDataset, scan_tiles, source_ids
 from foundation.eval.weights import RANDOM_PREFIX
 
@@ -99,18 +97,10 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return EXIT_BAD_INPUT
     table = markdown_table(results, CLASSIFICATION_METRICS)
-    sys.stdout.write(table)
     counts = Counter(tiles.class_names[i] for i in tiles.labels)
-    payload: dict[str, Any] = {
-        "task": {"tiles": str(args.tiles), "num_tiles": len(tiles), "classes": list(tiles.class_names),
-                 "tiles_per_class": dict(counts), "num_sources": len(set(groups)),
-                 "group_by": ev.splits.group_by, "image_size": s.image_size, "pooling": str(ev.embed.pooling),
-                 "stain": str(ev.embed.stain), "marker": str(ev.embed.marker)},
-        "weights": args.weights,
-        "sources": {name: src.describe() for name, src in sources.items()},
-        "results": results,
-        "settings": to_dict(ev),
-    }
-    json_path, md_path = write_report(args.out, payload, table)
-    log.info("wrote %s and %s", json_path, md_path)
+    task = {"tiles": str(args.tiles), "num_tiles": len(tiles), "classes": list(tiles.class_names),
+            "tiles_per_class": dict(counts), "num_sources": len(set(groups)),
+            "group_by": ev.splits.group_by, "image_size": s.image_size, "pooling": str(ev.embed.pooling),
+            "stain": str(ev.embed.stain), "marker": str(ev.embed.marker)}
+    publish_report(args.out, table, task, args.weights, sources, results, to_dict(ev))
     return 0

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def _cell(stat: Mapping[str, float]) -> str:
@@ -48,4 +52,17 @@ def write_report(json_path: str | Path, payload: Mapping[str, Any], table: str) 
     json_path.write_text(json.dumps(_clean({**payload, "table": table}), indent=2, allow_nan=False) + "\n")
     md_path = json_path.with_suffix(".md")
     md_path.write_text(table)
+    return json_path, md_path
+
+
+def publish_report(out: str | Path, table: str, task: Mapping[str, Any], weights: str, sources: Mapping[str, Any],
+                   results: Mapping[str, Any], settings: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Print ``table`` and write the run's report (:func:`write_report`): the task, the weights, each encoder's
+    ``describe()``, the results and the eval settings."""
+    sys.stdout.write(table)
+    payload = {"task": dict(task), "weights": weights,
+               "sources": {name: src.describe() for name, src in sources.items()},
+               "results": results, "settings": settings}
+    json_path, md_path = write_report(out, payload, table)
+    log.info("wrote %s and %s", json_path, md_path)
     return json_path, md_path

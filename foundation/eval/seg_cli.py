@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from foundation.config import ConfigError, to_dict
@@ -21,7 +20,7 @@ from foundation.eval.cli_common import (
     add_overrides_argument,
     setup,
 )
-from foundation.eval.report import markdown_table, write_report
+from foundation.eval.report import markdown_table, publish_report
 from foundation.eval.seg_data import CLASSES, load_pairs
 from foundation.eval.segmentation import PatchSource, SegParams, evaluate_segmentation
 from foundation.eval.weights import RANDOM_PREFIX
@@ -63,16 +62,8 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return EXIT_BAD_INPUT
     table = markdown_table({name: {params.split: r} for name, r in results.items()}, SEG_METRICS, row_key="split")
-    sys.stdout.write(table)
-    payload = {
-        "task": {"images": str(args.images), "masks": str(args.masks), "names": [im.name for im in images],
-                 "classes": list(CLASSES), "boundary": params.boundary, "crop_size": params.crop_size,
-                 "stain": str(ev.embed.stain), "marker": str(ev.embed.marker)},
-        "weights": args.weights,
-        "sources": {name: src.describe() for name, src in sources.items()},
-        "results": results,
-        "settings": to_dict(ev),
-    }
-    json_path, md_path = write_report(args.out, payload, table)
-    log.info("wrote %s and %s", json_path, md_path)
+    task = {"images": str(args.images), "masks": str(args.masks), "names": [im.name for im in images],
+            "classes": list(CLASSES), "boundary": params.boundary, "crop_size": params.crop_size,
+            "stain": str(ev.embed.stain), "marker": str(ev.embed.marker)}
+    publish_report(args.out, table, task, args.weights, sources, results, to_dict(ev))
     return 0

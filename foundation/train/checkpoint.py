@@ -29,7 +29,7 @@ import random
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,21 @@ class RunIdentity:
     teacher_shapes: dict[str, list[int]] | None = None  # what re-sharding the teacher needs
 
 
+def load_engine_and_teacher(engine: Any, tag_dir: Path, what: str, load_teacher: Callable[[], None] | None,
+                            teacher_path: Path) -> None:
+    """DeepSpeed's engine state from ``tag_dir``, then the teacher (``load_teacher()``, if given); a failure of
+    either raises :class:`CheckpointError` naming ``what`` or ``teacher_path``."""
+    load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load the {what} from {tag_dir}")
+    if load_teacher is not None:
+        try:
+            load_teacher()
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{teacher_path}: {err}") from err
+
+
 class Checkpointer:
     """Save and resume one run's checkpoints (every method is called on every rank)."""
 
@@ -348,15 +363,8 @@ class Checkpointer:
         if self.teacher is not None:
             name = f"rank_{self.rank:05d}.pt" if self.teacher.sharded else "full.pt"
             teacher_state = _torch_load(tag_dir / "teacher" / name)
-        load_path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load the engine state from {tag_dir}")
-        if teacher_state is not None:
-            try:
-                self.teacher.load_local_state(teacher_state)
-            except (KeyError, ValueError, RuntimeError) as err:
-                raise CheckpointError(f"{tag_dir / 'teacher'}: {err}") from err
+        load_teacher = (lambda: self.teacher.load_local_state(teacher_state)) if teacher_state is not None else None
+        load_engine_and_teacher(self.engine, tag_dir, "engine state", load_teacher, tag_dir / "teacher")
         set_rng_state(own["rng"])
         _barrier()
         return {"trainer": own["trainer"], "data": own["data"], "iteration": own["iteration"]}

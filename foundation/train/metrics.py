@@ -61,13 +61,15 @@ class WindowMeter:
         """Window means over steps and ranks (a collective: call it on every rank), then start a new window."""
         wall = time.perf_counter() - self.window_start
         names = sorted(self.term_sums)
-        # DeepSpeed hands the norm back as a device tensor or a float: one host copy per window, here
-        norms = [torch.as_tensor(g, dtype=torch.float64).cpu() for g in self.grad_norms]
+        # DeepSpeed hands the norm back as a device tensor or a float: averaged on the device, one host copy
+        grad_norm = torch.stack([torch.as_tensor(g, dtype=torch.float64, device=self.device)
+                                 for g in self.grad_norms]).mean().cpu() if self.grad_norms \
+            else torch.tensor(float("nan"), dtype=torch.float64)
         local = torch.stack([
             *[self.term_sums[n].double().cpu() / max(self.micro_steps, 1) for n in names],
             torch.tensor(self.data_seconds / max(wall, _TINY_SECONDS), dtype=torch.float64),
             torch.tensor(self.step_seconds / max(self.steps, 1), dtype=torch.float64),
-            torch.stack(norms).mean() if norms else torch.tensor(float("nan"), dtype=torch.float64),
+            grad_norm,
         ])
         peak = torch.tensor([peak_memory_bytes(self.device)], dtype=torch.float64)
         if dist.is_initialized() and self.world_size > 1:

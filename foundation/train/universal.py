@@ -31,6 +31,7 @@ from foundation.train.checkpoint import (
     _list_files,
     _torch_load,
     atomic_save,
+    load_engine_and_teacher,
     verify,
 )
 
@@ -86,14 +87,8 @@ def load_universal(checkpointer: Any, tag_dir: Path) -> dict[str, Any]:
     """Restore engine (DeepSpeed ``load_universal``), teacher and loop/data state on this world size."""
     state = _torch_load(tag_dir / "trainer" / GLOBAL_STATE)
     teacher = _torch_load(tag_dir / "teacher" / "full.pt") if checkpointer.teacher is not None else None
-    load_path, _ = checkpointer.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load the universal engine state from {tag_dir}")
-    if teacher is not None:
-        try:
-            checkpointer.teacher.load_full_state(teacher)
-        except (KeyError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{tag_dir / 'teacher' / 'full.pt'}: {err}") from err
+    load_teacher = (lambda: checkpointer.teacher.load_full_state(teacher)) if teacher is not None else None
+    load_engine_and_teacher(checkpointer.engine, tag_dir, "universal engine state", load_teacher,
+                            tag_dir / "teacher" / "full.pt")
     _barrier()  # per-rank RNG is not carried across world sizes (see the module docstring)
     return {"trainer": state["trainer"], "data": state["data"], "iteration": state["iteration"]}
