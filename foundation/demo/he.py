@@ -81,6 +81,16 @@ def _points_on(mask: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.n
     return pick // mask.shape[1] + rng.uniform(0, 1, n), pick % mask.shape[1] + rng.uniform(0, 1, n)
 
 
+def _random_blob(rng: np.random.Generator, cy: float, cx: float, radius_um: tuple[float, float],
+                 elongation: tuple[float, float], wobble: float, px: float, edge: float) -> tuple[np.ndarray, int, int]:
+    """A randomly sized, elongated, turned and wobbly blob at ``(cy, cx)`` (draws: radius, elongation, angle,
+    outline harmonics, in that order); returns :func:`blob`'s ``(patch, y0, x0)``."""
+    r = rng.uniform(*radius_um) * px
+    elong = rng.uniform(*elongation)
+    return blob(cy, cx, (r * np.sqrt(elong), r / np.sqrt(elong)), rng.uniform(0, np.pi),
+                random_harmonics(rng, wobble, OUTLINE_ORDERS), edge)
+
+
 def _holes(
     tissue: np.ndarray, he: HESpec, px: float, mpp: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -99,12 +109,7 @@ def _holes(
     membranes = np.zeros(shape, np.float32)
     edge = he.membrane_um * px
     for cy, cx in zip(*_points_on(tissue, rng.poisson(he.lumens_per_mm2 * tissue_mm2), rng), strict=True):
-        r = rng.uniform(*he.lumen_radius_um) * px
-        elong = rng.uniform(*he.lumen_elongation)
-        patch, y0, x0 = blob(
-            cy, cx, (r * np.sqrt(elong), r / np.sqrt(elong)), rng.uniform(0, np.pi),
-            random_harmonics(rng, he.hole_wobble, OUTLINE_ORDERS), edge,
-        )
+        patch, y0, x0 = _random_blob(rng, cy, cx, he.lumen_radius_um, he.lumen_elongation, he.hole_wobble, px, edge)
         paste_max(lumens, patch, y0, x0)
         # The blurred coverage is 1/2 on a straight border: doubling it gives 1 along the border.
         blurred = ndimage.gaussian_filter(np.pad(patch, pad), sigma, truncate=LINING_TRUNCATE, mode="constant")
@@ -167,12 +172,8 @@ def _nuclei(
     keep = rng.uniform(0, 1, n) < accept[ys.astype(int), xs.astype(int)]
     edge = he.nucleus_edge_um * px
     for cy, cx in zip(ys[keep], xs[keep], strict=True):
-        r = rng.uniform(*he.nucleus_radius_um) * px
-        elong = rng.uniform(*he.nucleus_elongation)
-        patch, y0, x0 = blob(
-            cy, cx, (r * np.sqrt(elong), r / np.sqrt(elong)), rng.uniform(0, np.pi),
-            random_harmonics(rng, he.nucleus_wobble, OUTLINE_ORDERS), edge,
-        )
+        patch, y0, x0 = _random_blob(rng, cy, cx, he.nucleus_radius_um, he.nucleus_elongation, he.nucleus_wobble,
+                                     px, edge)
         paste_max(coverage, patch, y0, x0)
         paste_max(h_od, patch, y0, x0, scale=rng.uniform(*he.nucleus_h_od))
     grain = smooth_noise(shape, he.chromatin_um * px, rng)
