@@ -16,6 +16,7 @@ from foundation.demo.he import HESlide, synthesize_he
 from foundation.demo.ihc import IHCSlide, synthesize_ihc
 from foundation.demo.pyramid import write_pyramid_tiff
 from foundation.demo.spec import DemoSpec
+from foundation.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,6 @@ slide cut into tissue pieces on glass. Manifest stain "IHC", marker "DAB" (gener
 """
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_demo_dataset(out_dir: str | os.PathLike, cfg_demo: Any) -> Path:
     """Write the demo slides, ``manifest.csv`` and ``README.txt`` into ``out_dir``; returns the manifest path.
 
@@ -137,6 +132,6 @@ def write_demo_dataset(out_dir: str | os.PathLike, cfg_demo: Any) -> Path:
 def write_listing(out_dir: Path, spec: DemoSpec, slides: list[DemoSlide]) -> Path:
     """Write ``manifest.csv`` and ``README.txt`` for ``slides``; returns the manifest path."""
     manifest = out_dir / MANIFEST
-    _write_text(manifest, manifest_text(slides, spec.mpp))
-    _write_text(out_dir / README, readme_text(spec, slides))
+    atomic_write_text(manifest, manifest_text(slides, spec.mpp))
+    atomic_write_text(out_dir / README, readme_text(spec, slides))
     return manifest

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from foundation.fileio import atomic_write_text
+
 
 def fmt(value: Any) -> str:
     if value is None:
@@ -26,9 +28,8 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]])
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    return path
+    """Atomically: a sweep killed while it rewrites its JSON keeps the previous complete file."""
+    return atomic_write_text(path, json.dumps(payload, indent=1, default=str) + "\n")
 
 
 def write_tensorboard(directory: Path, rows: Sequence[Mapping[str, Any]], name_key: str) -> None:

@@ -220,11 +220,9 @@ def run(args: argparse.Namespace) -> int:
     gemm = gemm_tflops(dist.device, gemm_size, gemm_dtype)
     rows: list[dict[str, Any]] = []
     env = environment(dist.device) if dist.rank == 0 else {}
-
-    def payload() -> dict[str, Any]:
-        return {"kind": "step", "environment": env,
-                "gemm": {"size": gemm_size, "dtype": str(base.gemm_dtype), "tflops": gemm},
-                "settings": to_dict(base), "results": rows, "configs": [to_dict(c) for c in cfgs]}
+    payload = {"kind": "step", "environment": env,
+               "gemm": {"size": gemm_size, "dtype": str(base.gemm_dtype), "tflops": gemm},
+               "settings": to_dict(base), "results": rows, "configs": [to_dict(c) for c in cfgs]}
 
     for cfg in cfgs:
         try:
@@ -239,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
                 torch.cuda.empty_cache()
         if dist.rank == 0:
             log.info("%s", {k: v for k, v in rows[-1].items() if not k.endswith("repeats")})
-            write_json(args.out, payload())  # after every configuration: a sweep cut short keeps what it measured
+            write_json(args.out, payload)  # after every configuration: a sweep cut short keeps what it measured
     if dist.rank == 0:
         if args.tensorboard:
             write_tensorboard(args.tensorboard, rows, "name")

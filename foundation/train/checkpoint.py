@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from foundation.fileio import atomic_write_text
 from foundation.train.teacher import EMATeacher
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,6 @@ def atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -303,11 +295,11 @@ class Checkpointer:
                 "zero_stage": self.identity.zero_stage, "universal": False, "code_version": self.version,
                 "param_shapes": self.identity.param_shapes, "teacher_shapes": self.identity.teacher_shapes,
                 "config": self.identity.config, "files": files}
-        _atomic_write_text(tmp_dir / COMPLETE, json.dumps(meta, indent=1) + "\n")
+        atomic_write_text(tmp_dir / COMPLETE, json.dumps(meta, indent=1) + "\n")
         if tag_dir.exists():  # the same step saved again (a run resumed before it): the new one replaces it
             shutil.rmtree(tag_dir)
         os.replace(tmp_dir, tag_dir)
-        _atomic_write_text(self.directory / LATEST, tag_dir.name)
+        atomic_write_text(self.directory / LATEST, tag_dir.name)
         self._prune(keep_tag=tag_dir.name)
 
     def _prune(self, keep_tag: str) -> None:

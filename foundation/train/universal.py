@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from foundation.fileio import atomic_write_text
 from foundation.train.checkpoint import (
     COMPLETE,
     CheckpointError,
-    _atomic_write_text,
     _barrier,
     _list_files,
     _torch_load,
@@ -78,7 +78,7 @@ def convert(tag_dir: Path, out: Path) -> Path:
     atomic_save({"trainer": rank0["trainer"], "data": rank0["data"], "iteration": rank0["iteration"],
                  "source_world_size": meta["world_size"]}, tmp / "trainer" / GLOBAL_STATE)
     new_meta = {**meta, "universal": True, "source": str(tag_dir.resolve()), "files": _list_files(tmp)}
-    _atomic_write_text(tmp / COMPLETE, json.dumps(new_meta, indent=1) + "\n")
+    atomic_write_text(tmp / COMPLETE, json.dumps(new_meta, indent=1) + "\n")
     tmp.rename(out)
     return out
 
