@@ -13,6 +13,7 @@
 # Calls must follow each other within the machine's warm period (30 s): each stashes what it carried under
 # /tmp/gpu_stage (outside the repository) and installs what it can. Results: $OUT/<part>.log (everything),
 # bench_*.json, <part>_logs.tgz (each section's full log); a short table is printed last.
+#   `profile` (PROFILE_ZERO=1|3): the step of MAE and iBOT ViT-L with --profile (kernel time by kind, device idle).
 # Env: BUDGET_S (seconds for this part's sections), STEP_EXTRA (overrides appended to every bench step),
 #      SWEEP=core (a short step sweep), SKIP_PYTEST=1 (data part: benches only).
 set -uo pipefail
@@ -21,7 +22,7 @@ PART=${1:-all}
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STAGE=/tmp/gpu_stage; mkdir -p "$STAGE/parts" "$STAGE/logs"
 START=$(date +%s)
-case $PART in step) BUDGET_S=${BUDGET_S:-250};; extra) BUDGET_S=${BUDGET_S:-130};; data) BUDGET_S=${BUDGET_S:-260};;
+case $PART in step) BUDGET_S=${BUDGET_S:-250};; profile) BUDGET_S=${BUDGET_S:-170};; extra) BUDGET_S=${BUDGET_S:-130};; data) BUDGET_S=${BUDGET_S:-260};;
               all) BUDGET_S=${BUDGET_S:-700};; *) BUDGET_S=${BUDGET_S:-30};; esac
 LOG="$OUT/$PART.log"
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
@@ -83,6 +84,11 @@ for f in sorted(out.glob("bench_step*.json")):
         print(f"  {x['name']:<30} ours {x['ours_images_per_s']:7.1f} ref {x['ref_images_per_s']:7.1f} img/s "
               f"ratio {x['ratio']:.2f} MFU {x['ours_mfu']:.2f}/{x['ref_mfu']:.2f} "
               f"GB {x['ours_peak_gb']:.1f}/{x['ref_peak_gb']:.1f} loss0 {x['ours_loss_step0']:.4f}/{x['ref_loss_step0']:.4f}")
+        for side in ("ours", "ref"):
+            if f"{side}_profile" in x:
+                kinds = ", ".join(f"{k} {v:.1f}" for k, v in x[f"{side}_profile"]["device_ms_per_step_by_kind"].items())
+                print(f"    {side}: {x[f'{side}_step_s'] * 1000:.1f} ms/step, kernels {x[f'{side}_device_ms']:.1f} ms "
+                      f"(idle {x[f'{side}_idle_share']:.0%}): {kinds}")
 for f in sorted(out.glob("bench_e2e*.json")):
     for x in json.loads(f.read_text())["results"]:
         print(f"e2e {x.get('name')}: {x.get('images_per_s', 0):.1f} img/s, data wait {x.get('data_wait_share', 0):.1%}")
@@ -94,7 +100,8 @@ PY
 }
 
 log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
-case $PART in step|extra|stash|data|all) ;; *) echo "unknown part $PART: step | extra | stash | data | all" >&2; exit 2;; esac
+case $PART in step|profile|extra|stash|data|all) ;;
+  *) echo "unknown part $PART: step | profile | extra | stash | data | all" >&2; exit 2;; esac
 if [[ $PART == step || $PART == all ]]; then
   install_ess || exit 1
   if [[ ${SWEEP:-full} == core ]]; then  # the goals' corners: ViT-L iBOT and MAE at ZeRO-1 and 3, ViT-B iBOT ZeRO-1
@@ -107,6 +114,14 @@ if [[ $PART == step || $PART == all ]]; then
     step step_mae_vitl 45 --model vit_large --objective mae --batch 256 --zero 1 2 3
     step step_mae_vitb 40 --model vit_base --objective mae --batch 512 --zero 1 3
   fi
+fi
+if [[ $PART == profile ]]; then  # where the step's time goes: kernel time by kind and device idle share, both sides
+  install_ess || exit 1
+  step profile_mae_vitl 50 --model vit_large --objective mae --batch 256 --zero ${PROFILE_ZERO:-1} --profile 2
+  step profile_ibot_vitl 60 --model vit_large --objective ibot --batch 64 --zero ${PROFILE_ZERO:-1} --profile 2
+  # one GPU: overlap_comm only adds a device synchronisation at the end of every backward
+  step profile_mae_vitl_no_overlap 40 --model vit_large --objective mae --batch 256 --zero ${PROFILE_ZERO:-1} \
+    --profile 2 deepspeed.zero_optimization.overlap_comm=false
 fi
 if [[ $PART == extra || $PART == all ]]; then
   install_ess || exit 1

@@ -26,7 +26,8 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
     cmd = [sys.executable, "-m", "foundation", "bench", "step", "--config", "benchmarks/step_cpu.yaml",
            "--objective", "ibot", "mae", "--zero", "1", "--precision", "fp32", "--batch", "4", "--out", str(out),
-           "bench.step.warmup=1", "bench.step.steps=2", "bench.step.repeats=2", "bench.step.gemm_size_cpu=128"]
+           "--profile", "1", "bench.step.warmup=1", "bench.step.steps=2", "bench.step.repeats=2",
+           "bench.step.gemm_size_cpu=128"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ours/ref" in proc.stdout  # the terminal table
@@ -52,6 +53,35 @@ def test_both_sides_compute_the_same_finite_loss(result: dict) -> None:
         assert row["loss_step0_abs_diff"] <= 1e-5 * max(1.0, abs(row["ref_loss_step0"])), row
 
 
+def test_profile_lists_each_sides_host_operators(result: dict) -> None:
+    for row in result["results"]:
+        for side in ("ours", "ref"):
+            profile = row[f"{side}_profile"]
+            assert profile["steps"] == 1 and profile["device_ms_per_step"] is None  # no device kernels on the CPU
+            names = {op["name"] for op in profile["top_host_ops"]}
+            assert names & {"aten::mm", "aten::addmm"}, names  # the ViT's linear layers
+            assert all(op["ms_per_step"] >= 0 and op["calls_per_step"] > 0 for op in profile["top_host_ops"])
+            assert len(profile["top_host_ops"]) == 25  # bench.step.profile_top
+
+
+@pytest.mark.parametrize(("kernel", "kind"), [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel",
+     "matmul"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false, false, cutlass::bfloat16_t>>",
+     "attention"),
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>",
+     "optimizer_foreach"),
+    ("Memcpy DtoD (Device -> Device)", "copy"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>", "reduction"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
+])
+def test_kernel_kinds(kernel: str, kind: str) -> None:
+    from foundation.perf.profile import kernel_kind
+
+    assert kernel_kind(kernel) == kind
+
+
 @pytest.mark.gpu
 def test_step_bench_on_the_gpu(tmp_path: Path) -> None:
     """On a GPU: bf16, fused AdamW, ZeRO-1 and ZeRO-3, GEMM and peak memory from the device."""
@@ -60,7 +90,8 @@ def test_step_bench_on_the_gpu(tmp_path: Path) -> None:
         pytest.skip("needs CUDA")
     out = tmp_path / "step.json"
     cmd = [sys.executable, "-m", "foundation", "bench", "step", "--config", "benchmarks/step_cpu.yaml",
-           "--objective", "ibot", "mae", "--zero", "1", "3", "--out", str(out), "bench.step.gemm_size=2048"]
+           "--objective", "ibot", "mae", "--zero", "1", "3", "--out", str(out), "--profile", "2",
+           "bench.step.gemm_size=2048"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -68,3 +99,7 @@ def test_step_bench_on_the_gpu(tmp_path: Path) -> None:
     for row in result["results"]:
         assert row["losses_finite"] and row["ours_peak_gb"] > 0 and 0 < row["ours_mfu"] < 1, row
         assert abs(row["ours_loss_step0"] - row["ref_loss_step0"]) < 0.05 * abs(row["ref_loss_step0"]), row
+        for side in ("ours", "ref"):
+            kinds = row[f"{side}_profile"]["device_ms_per_step_by_kind"]
+            assert kinds["matmul"] > 0 and 0 <= row[f"{side}_idle_share"] < 1, (side, kinds)
+            assert row[f"{side}_device_ms"] <= row[f"{side}_step_s"] * 1000 * 1.2, row  # kernels fit in the step

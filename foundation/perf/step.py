@@ -31,6 +31,10 @@ COLUMNS = (("name", "config"), ("ours_images_per_s", "ours img/s"), ("ref_images
            ("ratio", "ours/ref"), ("gflop_per_image", "GFLOP/img"), ("ours_tflops", "ours TFLOP/s"),
            ("ours_mfu", "ours MFU"), ("ref_mfu", "ref MFU"), ("ours_peak_gb", "ours GB"), ("ref_peak_gb", "ref GB"))
 
+PROFILE_COLUMNS = (("name", "config"), ("ours_step_s", "ours s/step"), ("ours_device_ms", "ours kernel ms"),
+                   ("ours_idle_share", "ours idle"), ("ref_step_s", "ref s/step"), ("ref_device_ms", "ref kernel ms"),
+                   ("ref_idle_share", "ref idle"))
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", dest="preset", help="preset in configs/experiments or a YAML path "
@@ -45,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-reference", action="store_true",
                         help="the reference compiles its blocks too (bench.step.compile_reference=true)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="on both sides")
+    parser.add_argument("--profile", type=int, metavar="STEPS",
+                        help="after timing, profile STEPS steps of each side: device kernel time by kind, idle share, "
+                             "top kernels and host operators in the JSON (bench.step.profile_steps)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_step.json"), help="JSON result file")
     parser.add_argument("--tensorboard", type=Path, help="also write the figures as TensorBoard scalars here")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -97,9 +104,16 @@ def _time(step: Any, settings: Any, device: torch.device) -> list[float]:
     return [time_steps(step, int(settings.steps), device) for _ in range(int(settings.repeats))]
 
 
+def _profile(step: Any, settings: Any, device: torch.device) -> dict[str, Any] | None:
+    from foundation.perf.profile import profile_step
+
+    steps = int(settings.profile_steps)
+    return profile_step(step, steps, device, int(settings.profile_top)) if steps > 0 else None
+
+
 def _reference_side(objective: Any, cfg: Any, batch: Any, values: Any, device: torch.device,
-                    dtype: torch.dtype | None, compile_: bool) -> tuple[float, int, list[float], float, float]:
-    """Loss at step 0, FLOPs of one forward+backward, step times, last loss and peak memory of the reference."""
+                    dtype: torch.dtype | None, compile_: bool) -> tuple[float, int, list[float], float, float, Any]:
+    """Loss at step 0, FLOPs of one forward+backward, step times, last loss, peak memory and profile (or None)."""
     from foundation.perf.measure import count_flops, peak_memory_gb, reset_peak_memory
     from foundation.perf.reference import ReferenceStep, autocast
     from foundation.train.engine import compile_blocks, enable_activation_checkpointing
@@ -120,12 +134,13 @@ def _reference_side(objective: Any, cfg: Any, batch: Any, values: Any, device: t
     ref.optimizer.zero_grad(set_to_none=True)
     losses: list[torch.Tensor] = []
     times = _time(lambda: losses.append(ref.step()), cfg.bench.step, device)
-    return loss0, flops, times, float(losses[-1]), peak_memory_gb(device)
+    peak = peak_memory_gb(device)
+    return loss0, flops, times, float(losses[-1]), peak, _profile(ref.step, cfg.bench.step, device)
 
 
 def _our_side(objective: Any, cfg: Any, batch: Any, schedules: Any, iteration: int,
-              dist: Any) -> tuple[float, list[float], float, float]:
-    """Loss at step 0, step times, mean loss and peak memory of our engine's step."""
+              dist: Any) -> tuple[float, list[float], float, float, Any]:
+    """Loss at step 0, step times, mean loss, peak memory and profile (or None) of our engine's step."""
     from foundation.perf.measure import peak_memory_gb, reset_peak_memory
     from foundation.perf.ours import OurStep
 
@@ -134,14 +149,16 @@ def _our_side(objective: Any, cfg: Any, batch: Any, schedules: Any, iteration: i
     loss0 = _seeded_loss(ours.loss, int(cfg.meta.seed))
     times = _time(ours.step, cfg.bench.step, dist.device)
     mean, peak = ours.mean_loss(), peak_memory_gb(dist.device)
+    profile = _profile(ours.step, cfg.bench.step, dist.device)
     ours.release()
-    return loss0, times, mean, peak
+    return loss0, times, mean, peak, profile
 
 
 def bench_one(cfg: Any, dist: Any, gemm: float) -> dict[str, Any]:
     """Both sides on one configuration; every figure in one dict."""
     from foundation.objectives import build_objective
     from foundation.perf.measure import median, reset_peak_memory
+    from foundation.perf.profile import idle_share
     from foundation.perf.synth import synthetic_batch
     from foundation.train.engine import autocast_dtype
     from foundation.train.trainer import build_schedules, check_objective_schedules, seed_everything
@@ -159,11 +176,12 @@ def bench_one(cfg: Any, dist: Any, gemm: float) -> dict[str, Any]:
     dtype = autocast_dtype(str(cfg.train.precision))
     samples = int(cfg.data.pipeline.batch_size) * int(cfg.train.grad_accum_steps)
 
-    ref_loss0, flops, ref_times, ref_last, ref_peak = _reference_side(
+    ref_loss0, flops, ref_times, ref_last, ref_peak, ref_profile = _reference_side(
         reference_objective, cfg, batch, values, dist.device, dtype, bool(cfg.bench.step.compile_reference))
     del reference_objective
     gc.collect()
-    ours_loss0, ours_times, ours_mean, ours_peak = _our_side(objective, cfg, batch, schedules, iteration, dist)
+    ours_loss0, ours_times, ours_mean, ours_peak, ours_profile = _our_side(
+        objective, cfg, batch, schedules, iteration, dist)
     del objective
     gc.collect()
     reset_peak_memory(dist.device)
@@ -187,6 +205,11 @@ def bench_one(cfg: Any, dist: Any, gemm: float) -> dict[str, Any]:
         "ours_mean_loss": ours_mean, "ref_last_loss": ref_last,
         "losses_finite": all(math.isfinite(v) for v in (ours_loss0, ref_loss0, ours_mean, ref_last)),
     }
+    for side, profile, seconds in (("ours", ours_profile, ours_s), ("ref", ref_profile, ref_s)):
+        if profile is not None:
+            row[f"{side}_device_ms"] = profile["device_ms_per_step"]
+            row[f"{side}_idle_share"] = idle_share(profile, seconds)
+            row[f"{side}_profile"] = profile
     ranks = f"x{dist.world_size}" if dist.world_size > 1 else ""
     row["name"] = f"{row['objective']} {row['model']} b{samples}{ranks} z{row['zero']} {row['precision']}"
     return row
@@ -195,6 +218,7 @@ def bench_one(cfg: Any, dist: Any, gemm: float) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from foundation.config import ConfigError, to_dict
     from foundation.perf.measure import environment, gemm_tflops
+    from foundation.perf.profile import profile_line
     from foundation.perf.report import table, write_json, write_tensorboard
     from foundation.train.engine import init_distributed
 
@@ -205,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append("train.compile_blocks=true")
     if args.compile_reference:
         overrides.append("bench.step.compile_reference=true")
+    if args.profile is not None:
+        overrides.append(f"bench.step.profile_steps={args.profile}")
     combos = list(itertools.product(args.model or [None], args.objective or [None], args.batch or [None],
                                     args.zero if args.zero is not None else [None]))
     try:
@@ -236,13 +262,19 @@ def run(args: argparse.Namespace) -> int:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         if dist.rank == 0:
-            log.info("%s", {k: v for k, v in rows[-1].items() if not k.endswith("repeats")})
+            log.info("%s", {k: v for k, v in rows[-1].items() if not k.endswith(("repeats", "profile"))})
             write_json(args.out, payload)  # after every configuration: a sweep cut short keeps what it measured
     if dist.rank == 0:
         if args.tensorboard:
             write_tensorboard(args.tensorboard, rows, "name")
         print(f"GEMM {gemm_size}^3 {base.gemm_dtype}: {gemm:.3g} TFLOP/s on {env['gpu'] or 'cpu'}")
         print(table(rows, COLUMNS))
+        if any("ours_profile" in row for row in rows):
+            print(table(rows, PROFILE_COLUMNS))
+            for row in rows:
+                for side in ("ours", "ref"):
+                    if f"{side}_profile" in row:
+                        print(f"{row['name']} {side}: {profile_line(row[f'{side}_profile'])}")
         for row in rows:
             if "error" in row:
                 print(f"FAILED {row['name']}: {row['error']}")
