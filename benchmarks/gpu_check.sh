@@ -13,7 +13,7 @@
 # Calls must follow each other within the machine's warm period (30 s): each stashes what it carried under
 # /tmp/gpu_stage (outside the repository) and installs what it can. Results: $OUT/<part>.log (everything),
 # bench_*.json, <part>_logs.tgz (each section's full log); a short table is printed last.
-#   `profile` (PROFILE_ZERO=1|3): the step of MAE and iBOT ViT-L with --profile (kernel time by kind, device idle).
+#   `profile` (PROFILE_ZERO=1|3): MAE and iBOT ViT-L with --profile (kernel time by kind, device idle), then ViT-B.
 # Env: BUDGET_S (seconds for this part's sections), STEP_EXTRA (overrides appended to every bench step),
 #      SWEEP=core (a short step sweep), SKIP_PYTEST=1 (data part: benches only).
 set -uo pipefail
@@ -22,7 +22,7 @@ PART=${1:-all}
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STAGE=/tmp/gpu_stage; mkdir -p "$STAGE/parts" "$STAGE/logs"
 START=$(date +%s)
-case $PART in step) BUDGET_S=${BUDGET_S:-250};; profile) BUDGET_S=${BUDGET_S:-170};; extra) BUDGET_S=${BUDGET_S:-130};; data) BUDGET_S=${BUDGET_S:-260};;
+case $PART in step) BUDGET_S=${BUDGET_S:-250};; profile) BUDGET_S=${BUDGET_S:-250};; extra) BUDGET_S=${BUDGET_S:-130};; data) BUDGET_S=${BUDGET_S:-260};;
               all) BUDGET_S=${BUDGET_S:-700};; *) BUDGET_S=${BUDGET_S:-30};; esac
 LOG="$OUT/$PART.log"
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
@@ -119,9 +119,8 @@ if [[ $PART == profile ]]; then  # where the step's time goes: kernel time by ki
   install_ess || exit 1
   step profile_mae_vitl 50 --model vit_large --objective mae --batch 256 --zero ${PROFILE_ZERO:-1} --profile 2
   step profile_ibot_vitl 60 --model vit_large --objective ibot --batch 64 --zero ${PROFILE_ZERO:-1} --profile 2
-  # one GPU: overlap_comm only adds a device synchronisation at the end of every backward
-  step profile_mae_vitl_no_overlap 40 --model vit_large --objective mae --batch 256 --zero ${PROFILE_ZERO:-1} \
-    --profile 2 deepspeed.zero_optimization.overlap_comm=false
+  step step_ibot_vitb 40 --model vit_base --objective ibot --batch 128 --zero 1
+  step step_mae_vitb 30 --model vit_base --objective mae --batch 512 --zero 1
 fi
 if [[ $PART == extra || $PART == all ]]; then
   install_ess || exit 1

@@ -50,9 +50,9 @@ def test_deepspeed_config_from_cfg(precision, fp16, bf16):
     cfg = load_config(overrides=["deepspeed=zero3", f"train.precision={precision}", "data.pipeline.batch_size=6",
                                  "train.grad_accum_steps=3", "train.grad_clip=1.5"])
     validate(cfg)
-    ds = E.deepspeed_config(cfg)
+    ds = E.deepspeed_config(cfg, world_size=1)
     assert ds["zero_optimization"]["stage"] == 3
-    assert ds["fp16"]["enabled"] is fp16 and ds["bf16"] == {"enabled": bf16}
+    assert ds["fp16"]["enabled"] is fp16 and ds["bf16"] == {"enabled": bf16, "check_grad_overflow": False}
     assert ds["fp16"]["initial_scale_power"] == 16
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == \
         (6, 3, 1.5)
@@ -67,7 +67,24 @@ def test_deepspeed_config_from_cfg(precision, fp16, bf16):
     assert "optimizer" not in teacher
 
 
+@pytest.mark.parametrize(("stage", "world_size", "choice", "expected"), [
+    (1, 1, "auto", False), (2, 1, "auto", False), (0, 1, "auto", False),  # one rank: nothing to overlap
+    (1, 8, "auto", True), (3, 1, "auto", True),  # several ranks; ZeRO-3 prefetch
+    (1, 1, True, True), (3, 8, False, False),  # explicit choices win
+])
+def test_overlap_comm_auto(stage, world_size, choice, expected):
+    """Tri-state keys (default "auto") take true/false overrides too."""
+    cfg = load_config(overrides=[f"deepspeed=zero{stage}", f"deepspeed.zero_optimization.overlap_comm={choice}",
+                                 "train.grad_overflow_check=true"])
+    validate(cfg)
+    ds = E.deepspeed_config(cfg, world_size)
+    assert ds["zero_optimization"]["overlap_comm"] is expected
+    assert ds["bf16"]["check_grad_overflow"] is True
+
+
 @pytest.mark.parametrize(("override", "match"), [
+    ("deepspeed.zero_optimization.overlap_comm=sometimes", "overlap_comm"),
+    ("train.grad_overflow_check=1", "train.grad_overflow_check"),
     ("train.precision=fp8", "train.precision"),
     ("train.fused_adamw=maybe", "train.fused_adamw"),
     ("train.grad_accum_steps=0", "train.grad_accum_steps"),
@@ -120,6 +137,8 @@ def test_optimizer_groups_and_schedule_application():
     cfg = load_config()
     opt = E.build_optimizer(groups, cfg, torch.device("cpu"))
     assert opt.defaults["fused"] is False  # auto: no fused AdamW on the CPU
+    assert E.build_optimizer(groups, load_config(overrides=["train.fused_adamw=false"]),
+                             torch.device("cuda")).defaults["fused"] is False  # an explicit choice wins
     assert opt.defaults["betas"] == (0.9, 0.999)
     E.apply_schedule(opt.param_groups, {"lr": 1e-3, "last_layer_lr": 0.0, "weight_decay": 0.05})
     by_name = {g["name"]: g for g in opt.param_groups}

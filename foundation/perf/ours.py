@@ -33,7 +33,7 @@ class OurStep:
 
     def __init__(self, objective: Objective, cfg: Any, batch: Mapping[str, torch.Tensor], schedules: Schedules,
                  iteration: int, dist: DistInfo) -> None:
-        self.ds_config = deepspeed_config(cfg)
+        self.ds_config = deepspeed_config(cfg, dist.world_size)
         engines = build_engines(objective, param_groups(objective, cfg), cfg, self.ds_config, dist)
         self.engine, self.teacher = engines.engine, engines.teacher
         self.schedules, self.iteration = schedules, iteration

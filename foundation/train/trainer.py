@@ -135,7 +135,7 @@ def run_training(cfg: Any, objective: Objective, param_groups: Sequence[Mapping[
     have been built with the same seed on every rank.
     """
     out_dir = run_dir(cfg)
-    ds_config = deepspeed_config(cfg)
+    ds_config = deepspeed_config(cfg, dist.world_size)
     schedules = build_schedules(cfg, dist.world_size)
     check_objective_schedules(objective, schedules)
     if dist.rank == 0:
