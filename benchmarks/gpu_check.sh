@@ -3,12 +3,15 @@
 # that each fit one `run` call while the DALI libraries travel in pieces (benchmarks/gpu_payload.sh builds .gpu/):
 #
 #   call 1  carry [".gpu/ess", ".gpu/dali/00"]   bash benchmarks/gpu_check.sh step    # bench step sweep (~4 min)
+#                                                 (or `profile`: the ViT-L steps profiled, ViT-B timed, ~3.5 min)
 #   call 2  carry [".gpu/data", ".gpu/dali/01"]  bash benchmarks/gpu_check.sh extra   # compiled blocks (~2 min)
 #   call 3  carry [".gpu/dali/02"]               bash benchmarks/gpu_check.sh stash   # (only if there are 4 parts)
 #   call N  carry [".gpu/dali/NN"]               bash benchmarks/gpu_check.sh data    # DALI: GPU tests, bench data, e2e
 #   or, with everything carried at once (a machine with the packages): bash benchmarks/gpu_check.sh all
 #   With 15 device minutes, the order that worked on 2026-11-26: `stash` with 00, 01 (+ .gpu/data), 02; then
 #   `data` with .gpu/ess + 03 (BUDGET_S=125: ~2 min); then `step` (SWEEP=core BUDGET_S=195: ~2.5 min); give back.
+#   Second session: `profile` with ess + 00 (175 s), two short `stash`+bench calls with 01 (+ data) and 02, `data`
+#   with 03 (137 s), give back; a second lease later for `profile` with ess alone (203 s + start).
 #
 # Calls must follow each other within the machine's warm period (30 s): each stashes what it carried under
 # /tmp/gpu_stage (outside the repository) and installs what it can. Results: $OUT/<part>.log (everything),
@@ -132,11 +135,11 @@ if [[ $PART == data || $PART == all ]]; then
   install_dali || exit 1
   [[ -n ${SKIP_PYTEST:-} ]] || section pytest_gpu_data 60 "$PY" -m pytest -q -m gpu --timeout 300 \
     -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_stain_dali.py tests/test_train_gpu.py
-  section bench_data 60 "$PY" -m foundation bench data --device gpu --workers 8 --batch-size 128 --batches 10 \
-    --rounds 1 --out "$OUT/bench_data.json"
-  # the Python source is the limit with one reader (1.5 ms per iBOT sample): the same with reader processes
-  section bench_data_readers 60 "$PY" -m foundation bench data --device gpu --workers 8 --batch-size 128 \
-    --batches 20 --warmup 8 --rounds 1 --out "$OUT/bench_data_readers.json" data.pipeline.reader_workers=8
+  # reader_workers: auto (8 reader processes on a 16-core one-GPU machine), then reading in the training process
+  section bench_data 60 "$PY" -m foundation bench data --device gpu --workers 8 --batch-size 128 --batches 40 \
+    --warmup 8 --rounds 1 --out "$OUT/bench_data.json"
+  section bench_data_inprocess 60 "$PY" -m foundation bench data --device gpu --workers 8 --batch-size 128 \
+    --batches 10 --rounds 1 --out "$OUT/bench_data_inprocess.json" data.pipeline.reader_workers=0
   section bench_e2e 50 "$PY" -m foundation bench e2e --config benchmarks/e2e_gpu.yaml --out "$OUT/bench_e2e.json"
 fi
 summary

@@ -77,13 +77,13 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-AUTO = "auto"  # a key whose default is "auto" is tri-state: "auto", true or false
+AUTO = "auto"  # a key whose default is "auto" also takes a bool or a count (its validation checks the domain)
 
 
 def _compatible(default: Any, value: Any) -> bool:
     if default is None or value is None:
         return True
-    if default == AUTO and isinstance(value, bool):
+    if default == AUTO and isinstance(value, (bool, int)):
         return True
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)

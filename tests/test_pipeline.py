@@ -297,3 +297,25 @@ def test_bad_pipeline_settings_are_named(index: TileIndex):
         loader(index, "data.pipeline.raw_tiles=sometimes")
     with pytest.raises(ValueError, match="data.pipeline.device='tpu'"):
         loader(index, "data.pipeline.device=tpu")
+
+
+@pytest.mark.parametrize(("value", "device", "cpus", "ranks", "expected"), [
+    ("auto", "cpu", 2, 1, 0),  # the CPU path: DALI's threads use the cores
+    ("auto", "gpu", 16, 1, 8),  # one GPU on a 16-core machine (the H100 of benchmarks/RESULTS.md)
+    ("auto", "gpu", 96, 8, 6),  # eight ranks share the node's cores
+    ("auto", "gpu", 64, 1, 8),  # at most AUTO_MAX_READERS
+    ("auto", "gpu", 2, 4, 1),  # always at least one reader on the GPU path
+    (3, "gpu", 16, 1, 3), (0, "gpu", 16, 1, 0),  # a count is taken as it is
+])
+def test_reader_workers_auto(value, device, cpus, ranks, expected):
+    from foundation.data.loader import reader_workers
+
+    assert reader_workers(value, device, cpus=cpus, ranks_per_node=ranks) == expected
+
+
+@pytest.mark.parametrize("value", [-1, "many", True])
+def test_reader_workers_rejects_bad_values(value):
+    from foundation.data.loader import reader_workers
+
+    with pytest.raises(ValueError, match="data.pipeline.reader_workers"):
+        reader_workers(value, "gpu", cpus=16, ranks_per_node=1)

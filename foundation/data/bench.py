@@ -183,7 +183,15 @@ def _baseline_batches(index: Any, order: Any, cfg: Any, batch_size: int, workers
 # ------------------------------------------------------------------------------------------------- timing
 
 
-def _time(batches: Iterator[Any], warmup: int, timed: int, batch_size: int, crops_per_sample: int) -> dict[str, float]:
+def per_sample_counts(crops: Any) -> dict[str, float]:
+    """Crops per sample: all, global, and global-crop equivalents (local crops weighted by their pixel share)."""
+    g, n_local = int(crops.global_count), int(crops.local_count)
+    return {"crops": g + n_local, "global_crops": g,
+            "global_crop_equivalents": round(g + n_local * (int(crops.local_size) / int(crops.global_size)) ** 2, 4)}
+
+
+def _time(batches: Iterator[Any], warmup: int, timed: int, batch_size: int,
+          per_sample: Mapping[str, float]) -> dict[str, float]:
     for _ in range(warmup):
         next(batches)
     start = time.perf_counter()
@@ -192,7 +200,7 @@ def _time(batches: Iterator[Any], warmup: int, timed: int, batch_size: int, crop
     seconds = time.perf_counter() - start
     samples = timed * batch_size
     return {"seconds": round(seconds, 3), "samples": samples, "samples_per_s": round(samples / seconds, 2),
-            "crops_per_s": round(samples * crops_per_sample / seconds, 1)}
+            **{f"{kind}_per_s": round(samples * count / seconds, 1) for kind, count in per_sample.items()}}
 
 
 def _best(rounds: list[dict[str, float]]) -> dict[str, Any]:
@@ -205,11 +213,11 @@ def run_bench(cfg: Any, index: Any, batches: int, warmup: int, rounds: int, phot
     """Time both loaders; returns the result dictionary (also what ``--out`` receives)."""
     import torch
 
-    from foundation.data.loader import build_loader
+    from foundation.data.loader import build_loader, reader_workers
 
     pcfg = cfg.data.pipeline
     batch_size, workers = int(pcfg.batch_size), int(pcfg.threads)
-    crops_per_sample = int(cfg.data.crops.global_count) + int(cfg.data.crops.local_count)
+    per_sample = per_sample_counts(cfg.data.crops)
     grid = (cfg.data.crops.global_size // _patch(cfg),) * 2
     results: dict[str, list[dict[str, float]]] = {"ours": [], "baseline": []}
     failed_reads = 0
@@ -219,26 +227,27 @@ def run_bench(cfg: Any, index: Any, batches: int, warmup: int, rounds: int, phot
         ours = build_loader(cfg, index, device=device, device_id=0 if device == "gpu" else None,
                             patch_size=_patch(cfg))
         try:
-            results["ours"].append(_time(ours, warmup, batches, batch_size, crops_per_sample))
+            results["ours"].append(_time(ours, warmup, batches, batch_size, per_sample))
             failed_reads += ours.failed_reads
         finally:
             ours.close()
         log.info("round %d ours: %s", r, results["ours"][-1])
         baseline = _baseline_batches(index, ours.sampler.order, cfg, batch_size, workers, photometric, grid)
         try:
-            results["baseline"].append(_time(baseline, warmup, batches, batch_size, crops_per_sample))
+            results["baseline"].append(_time(baseline, warmup, batches, batch_size, per_sample))
         finally:
             del baseline  # shuts the worker processes down
         log.info("round %d baseline: %s", r, results["baseline"][-1])
     out: dict[str, Any] = {
         "ours": {**_best(results["ours"]), "device": device, "pipeline": "DALI", "threads": workers,
-                 "reader_workers": int(pcfg.reader_workers), "failed_reads": failed_reads},
+                 "reader_workers": reader_workers(pcfg.reader_workers, device), "failed_reads": failed_reads},
         "baseline": {**_best(results["baseline"]), "pipeline": "torch DataLoader + OpenSlide + torchvision + "
                      "scikit-image HED", "workers": workers},
     }
     out["ratio"] = round(out["ours"]["samples_per_s"] / out["baseline"]["samples_per_s"], 3)
     out["setup"] = {
-        "batch_size": batch_size, "crops_per_sample": crops_per_sample, "batches": batches, "rounds": rounds,
+        "batch_size": batch_size, "crops_per_sample": per_sample["crops"], "per_sample": per_sample,
+        "batches": batches, "rounds": rounds,
         "photometric": photometric, "index_entries": len(index), "slides": [Path(s.path).name for s in index.slides],
         "crops": {k: cfg.data.crops[k] for k in ("global_count", "global_size", "local_count", "local_size")},
         "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -274,6 +283,8 @@ def report(result: Mapping[str, Any]) -> str:
     return (f"ours     {ours['samples_per_s']:8.1f} samples/s {ours['crops_per_s']:9.1f} crops/s "
             f"(DALI {ours['device']}, {ours['threads']} threads, {ours['reader_workers']} reader processes, "
             f"failed reads {ours['failed_reads']})\n"
+            f"         {ours['global_crops_per_s']:8.1f} global crops/s, "
+            f"{ours['global_crop_equivalents_per_s']:.1f} global-crop equivalents/s (local crops by pixel share)\n"
             f"baseline {base['samples_per_s']:8.1f} samples/s {base['crops_per_s']:9.1f} crops/s "
             f"(DataLoader, {base['workers']} workers)\n"
             f"ratio    {result['ratio']:.2f}x")

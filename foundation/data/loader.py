@@ -17,6 +17,7 @@ buffers straight into the batch tensors on the trainer's current CUDA stream (no
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -36,6 +37,25 @@ from stain.vocabulary import StainVocabulary
 log = logging.getLogger(__name__)
 
 CONTRACT_KEYS = ("global_crops", "local_crops", "masks", "stain_ids", "marker_ids")
+AUTO_MAX_READERS = 8  # reader processes per rank that `reader_workers: auto` starts at most on the GPU path
+
+
+def reader_workers(value: int | str, device: str, cpus: int | None = None, ranks_per_node: int | None = None) -> int:
+    """``data.pipeline.reader_workers``: a count, or ``auto``: none on the CPU path (DALI's own threads use the
+    cores), on the GPU path half of this rank's share of the node's cores, 1 to :data:`AUTO_MAX_READERS`.
+
+    In-process reading on a GPU competes with the training step for the interpreter (one H100, MAE+iBOT
+    ``vit_test``: 0 readers 535 img/s with 51 % of the time waiting for data, 4 readers 729 img/s with 8 %).
+    """
+    if value != "auto":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"data.pipeline.reader_workers={value!r} must be auto or a count >= 0")
+        return value
+    if device != "gpu":
+        return 0
+    cpus = cpus or len(os.sched_getaffinity(0))
+    ranks = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(AUTO_MAX_READERS, cpus // max(ranks, 1) // 2))
 
 
 class DaliLoader:
@@ -142,8 +162,8 @@ def build_loader(cfg: Any, index: Any, rank: int = 0, world_size: int = 1, devic
     """
     data = cfg.data
     pcfg = data.pipeline
-    for key, least in (("batch_size", 1), ("threads", 1), ("prefetch", 1), ("reader_workers", 0),
-                       ("max_read_retries", 0), ("max_open_slides", 1)):
+    for key, least in (("batch_size", 1), ("threads", 1), ("prefetch", 1), ("max_read_retries", 0),
+                       ("max_open_slides", 1)):
         if int(pcfg[key]) < least:
             raise ValueError(f"data.pipeline.{key}={pcfg[key]} must be >= {least}")
     device = device or str(pcfg.device)
@@ -151,6 +171,7 @@ def build_loader(cfg: Any, index: Any, rank: int = 0, world_size: int = 1, devic
         raise ValueError(f"data.pipeline.device={device!r}; choose one of {DEVICES}")
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
+    readers = reader_workers(pcfg.reader_workers, device)
     crops = CropConfig.from_config(data.crops)
     vocab = StainVocabulary.from_config(cfg.get("stain"))
     slides = [SlideInfo.from_record(r) for r in index.slides]
@@ -191,7 +212,7 @@ def build_loader(cfg: Any, index: Any, rank: int = 0, world_size: int = 1, devic
     pipeline_args = {
         "solarize_threshold": float(augmentation["generic"]["solarize_threshold"]),
         "batch_size": shard.batch_size, "threads": int(pcfg.threads), "prefetch": int(pcfg.prefetch),
-        "exec_dynamic": bool(pcfg.exec_dynamic), "reader_workers": int(pcfg.reader_workers),
+        "exec_dynamic": bool(pcfg.exec_dynamic), "reader_workers": readers,
         "reader_start": str(pcfg.reader_start),
     }
     return DaliLoader(make_source, layout, crops, sampler, pipeline_args, device, device_id)
