@@ -20,7 +20,7 @@ from foundation.train.engine import (
     initialize_engine,
     register_container_parameters,
 )
-from foundation.train.grad_norm import use_foreach_grad_norm
+from foundation.train.grad_norm import use_foreach_clipping
 from foundation.train.teacher import EMATeacher, init_teacher_weights, wrap_teacher
 
 
@@ -52,7 +52,7 @@ def build_engines(objective: Objective, param_groups: Sequence[Mapping[str, Any]
         enable_activation_checkpointing(objective.backbone().blocks)
     optimizer = build_optimizer(param_groups, cfg, dist.device)
     engine = initialize_engine(objective, optimizer, dict(ds_config))
-    use_foreach_grad_norm(engine.optimizer)  # ZeRO-1/2: the clipping norm in one foreach call
+    use_foreach_clipping(engine.optimizer)  # ZeRO-1/2: clipping norm and scale without host work
     autocast_inside_engine(engine.module, dist.device, autocast_dtype(str(cfg.train.precision)))
     teacher = wrap_teacher(teacher_module, pairs, ds_config, dist.device) if teacher_module is not None else None
     if bool(cfg.train.compile_blocks):
