@@ -141,5 +141,8 @@ if [[ $PART == data || $PART == all ]]; then
   section bench_data_inprocess 60 "$PY" -m foundation bench data --device gpu --workers 8 --batch-size 128 \
     --batches 10 --rounds 1 --out "$OUT/bench_data_inprocess.json" data.pipeline.reader_workers=0
   section bench_e2e 50 "$PY" -m foundation bench e2e --config benchmarks/e2e_gpu.yaml --out "$OUT/bench_e2e.json"
+  # issue 3's criterion: the data-wait share of a ViT-B/16 MAE run (the real recipe, batch 256, 224 px crops)
+  section bench_e2e_vitb_mae 60 "$PY" -m foundation bench e2e --config vit_b_mae --steps 20 \
+    --out "$OUT/bench_e2e_vitb_mae.json"
 fi
 summary
