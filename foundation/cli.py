@@ -63,7 +63,26 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    return int(module.run(args) or 0)
+    joined_before = _in_process_group()
+    try:
+        return int(module.run(args) or 0)
+    finally:
+        if not joined_before and _in_process_group():
+            _leave_process_group()
+
+
+def _in_process_group() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group the command joined: left to interpreter exit, gloo's and NCCL's threads are torn
+    down in no set order (NCCL warns; a gloo rank once aborted with "terminate called without an active
+    exception")."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -160,7 +160,11 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    fn(rank, *args)
+    try:
+        fn(rank, *args)
+    finally:
+        if torch.distributed.is_initialized():  # not left to interpreter exit (see foundation/cli.py)
+            torch.distributed.destroy_process_group()
 
 
 def spawn(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:
