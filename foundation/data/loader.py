@@ -26,7 +26,7 @@ import torch
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from nvidia.dali.plugin.pytorch.torch_utils import to_torch_type
 
-from foundation.config import to_dict
+from foundation.config import AUTO, to_dict
 from foundation.data.crops import CropConfig
 from foundation.data.pipeline import DEVICES, build_pipeline, output_names
 from foundation.data.reading import SlideHandles, SlideInfo, plan_paths
@@ -47,7 +47,7 @@ def reader_workers(value: int | str, device: str, cpus: int | None = None, ranks
     In-process reading on a GPU competes with the training step for the interpreter (one H100, MAE+iBOT
     ``vit_test``: 0 readers 535 img/s with 51 % of the time waiting for data, 4 readers 729 img/s with 8 %).
     """
-    if value != "auto":
+    if value != AUTO:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"data.pipeline.reader_workers={value!r} must be auto or a count >= 0")
         return value

@@ -26,20 +26,19 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from foundation.config import ConfigError, to_dict
+from foundation.config import AUTO, ConfigError, to_dict
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 ZERO_STAGES = (0, 1, 2, 3)
-FUSED_CHOICES = ("auto", True, False)
+AUTO_OR_BOOL = (AUTO, True, False)  # train.fused_adamw, deepspeed.zero_optimization.overlap_comm
 # Keys of the DeepSpeed config that the trainer derives from cfg.train; a deepspeed group file must not set them.
 TRAINER_OWNED_KEYS = (
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
     "bf16", "optimizer", "scheduler",
 )
 GROUP_REQUIRED_KEYS = ("zero_optimization", "fp16")
-OVERLAP_CHOICES = ("auto", True, False)
 
 
 @dataclass(frozen=True)
@@ -98,8 +97,8 @@ def validate_engine_config(cfg: Any) -> None:
     train = cfg.train
     if train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {train.precision!r}")
-    if train.fused_adamw not in FUSED_CHOICES:
-        raise ConfigError(f"train.fused_adamw must be one of {FUSED_CHOICES}, got {train.fused_adamw!r}")
+    if train.fused_adamw not in AUTO_OR_BOOL:
+        raise ConfigError(f"train.fused_adamw must be one of {AUTO_OR_BOOL}, got {train.fused_adamw!r}")
     for key in ("grad_accum_steps", "iterations", "log_every", "max_nonfinite_in_row", "keep_checkpoints"):
         if int(train[key]) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {train[key]!r}")
@@ -121,8 +120,8 @@ def validate_engine_config(cfg: Any) -> None:
     if stage not in ZERO_STAGES:
         raise ConfigError(f"deepspeed.zero_optimization.stage must be one of {ZERO_STAGES}, got {stage!r}")
     overlap = group["zero_optimization"].get("overlap_comm")
-    if overlap not in OVERLAP_CHOICES:
-        raise ConfigError(f"deepspeed.zero_optimization.overlap_comm must be one of {OVERLAP_CHOICES}, got {overlap!r}")
+    if overlap not in AUTO_OR_BOOL:
+        raise ConfigError(f"deepspeed.zero_optimization.overlap_comm must be one of {AUTO_OR_BOOL}, got {overlap!r}")
     if not isinstance(train.grad_overflow_check, bool):
         raise ConfigError(f"train.grad_overflow_check must be true or false, got {train.grad_overflow_check!r}")
     if not isinstance(train.compile_blocks, bool):
@@ -137,7 +136,7 @@ def overlap_comm(stage: int, world_size: int, choice: str | bool) -> bool:
     (its parameter prefetch uses it); off for ZeRO 0-2 on one rank, where there is nothing to overlap and it costs a
     device synchronisation at the end of every backward (one H100, MAE ViT-L ZeRO-1: 0.51 -> 0.61 of the plain
     step; ZeRO-3 without it: 0.28 -> 0.15; benchmarks/RESULTS.md)."""
-    if choice != "auto":
+    if choice != AUTO:
         return bool(choice)
     return world_size > 1 or stage == 3
 
@@ -146,7 +145,7 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
     """The student engine's DeepSpeed config for ``world_size`` ranks: the deepspeed group plus cfg.train.
 
     ``bf16.check_grad_overflow`` is ``train.grad_overflow_check``: DeepSpeed's check reduces every gradient on its
-    own (about six kernels per parameter) and reads the result on the host before each step.
+    own (about 14 kernel launches per parameter tensor) and reads the result on the host before each step.
     """
     train = cfg.train
     out = to_dict(cfg.deepspeed)
@@ -203,7 +202,7 @@ def build_optimizer(groups: Sequence[Mapping[str, Any]], cfg: Any, device: torch
     if not torch_groups:
         raise ValueError("the objective has no trainable parameters")
     choice = cfg.train.fused_adamw
-    fused = device.type == "cuda" if choice == "auto" else bool(choice)
+    fused = device.type == "cuda" if choice == AUTO else bool(choice)
     betas = tuple(float(b) for b in cfg.train.adamw_betas)
     return torch.optim.AdamW(torch_groups, lr=0.0, betas=betas, eps=float(cfg.train.adamw_eps), fused=fused)
 
