@@ -213,7 +213,7 @@ def run_bench(cfg: Any, index: Any, batches: int, warmup: int, rounds: int, phot
     """Time both loaders; returns the result dictionary (also what ``--out`` receives)."""
     import torch
 
-    from foundation.data.loader import build_loader, reader_workers
+    from foundation.data.loader import build_loader
 
     pcfg = cfg.data.pipeline
     batch_size, workers = int(pcfg.batch_size), int(pcfg.threads)
@@ -229,6 +229,7 @@ def run_bench(cfg: Any, index: Any, batches: int, warmup: int, rounds: int, phot
         try:
             results["ours"].append(_time(ours, warmup, batches, batch_size, per_sample))
             failed_reads += ours.failed_reads
+            readers = ours.pipeline_args["reader_workers"]  # what the loader resolved (auto: a count)
         finally:
             ours.close()
         log.info("round %d ours: %s", r, results["ours"][-1])
@@ -240,7 +241,7 @@ def run_bench(cfg: Any, index: Any, batches: int, warmup: int, rounds: int, phot
         log.info("round %d baseline: %s", r, results["baseline"][-1])
     out: dict[str, Any] = {
         "ours": {**_best(results["ours"]), "device": device, "pipeline": "DALI", "threads": workers,
-                 "reader_workers": reader_workers(pcfg.reader_workers, device), "failed_reads": failed_reads},
+                 "reader_workers": readers, "failed_reads": failed_reads},
         "baseline": {**_best(results["baseline"]), "pipeline": "torch DataLoader + OpenSlide + torchvision + "
                      "scikit-image HED", "workers": workers},
     }
