@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -10,13 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from foundation.shared_data import DATA_ENV, shared_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-DATA_ENV = "FOUNDATION_TEST_DATA"
-
-
-def shared_data_dir() -> Path:
-    """``$FOUNDATION_TEST_DATA`` or ``../shared/data`` next to the repository."""
-    return Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data")).resolve()
 
 
 @pytest.fixture(scope="session")

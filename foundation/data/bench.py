@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from foundation.config import to_dict
+from foundation.shared_data import DATA_ENV, shared_data_dir
 
 log = logging.getLogger(__name__)
 
-DATA_ENV = "FOUNDATION_TEST_DATA"
 #: the real slides the bench indexes (path under the data folder, stain, marker, mpp override), by --slides choice.
 #: "jpeg": the JPEG-tiled SVS/TIFFs (what scanners mostly write); "all" adds the JPEG 2000 SVS, whose decode
 #: (OpenJPEG on both sides) dominates every sample it is in.
@@ -49,7 +49,7 @@ PHOTOMETRIC_OFF = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=Path, help="an existing tile index (default: index the real test slides)")
-    parser.add_argument("--data", type=Path, help=f"shared data folder (default ${DATA_ENV} or ../shared/data)")
+    parser.add_argument("--data", type=Path, help=f"shared data folder (default ${DATA_ENV}, else ../shared/data)")
     parser.add_argument("--slides", choices=sorted(BENCH_SLIDES), default="jpeg", help="which real slides to index")
     parser.add_argument("--batch-size", type=int, help="samples per batch (data.pipeline.batch_size)")
     parser.add_argument("--workers", type=int, help="DALI threads and DataLoader workers (data.pipeline.threads)")
@@ -64,10 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_dir(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    env = os.environ.get(DATA_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return arg if arg is not None else shared_data_dir()
 
 
 def _index_real_slides(data_dir: Path, out: Path, cfg: Any, which: str) -> Path:
