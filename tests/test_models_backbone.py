@@ -228,3 +228,28 @@ def test_last_block_attention_reproduces_the_blocks_attention():
     assert maps.shape == (2, attn.num_heads, IMG // PATCH, IMG // PATCH)
     assert torch.equal(maps.flatten(2), probs[:, :, 0, model.num_prefix_tokens:])
     assert torch.equal(attention_probs(attn, normed), probs)
+
+
+def test_each_block_is_called_once_with_every_crop_group():
+    """One call per block and step (a ZeRO-3 leaf unit, foundation/train/zero3_leaf.py), checkpointed or not."""
+    model = backbone().train()
+    calls = []
+    for blk in model.blocks:
+        blk.register_forward_pre_hook(lambda _m, args: calls.append(len(args)))
+    globals_, locals_ = images(4), images(6, LOCAL, seed=2)
+    grads = []
+    for enable in (False, True):
+        calls.clear()
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        outs = model.forward_features_list([globals_, locals_], ids(1, 2), ids(0, 3))
+        assert calls == [2] * len(model.blocks)  # one call, two groups
+        sum(o["cls"].sum() for o in outs).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    blk, x = model.blocks[0], torch.randn(2, 5, model.embed_dim)
+    assert isinstance(blk(x), torch.Tensor)  # one group: timm's own signature and result
+    model.eval()
+    pair = blk(x, x[:1, :3])
+    assert torch.equal(pair[0], blk(x)) and torch.equal(pair[1], blk(x[:1, :3]))

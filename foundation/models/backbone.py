@@ -20,12 +20,13 @@ here are stain-aware; timm's ``forward_intermediates`` & co. are not.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from timm.layers import DropPath, Mlp, SwiGLUPacked, resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -71,13 +72,38 @@ def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
+def leaf_weights_gathered(block: nn.Module) -> contextlib.AbstractContextManager:
+    """Gather the weights of a ZeRO-3 leaf block (``train.zero3_leaf_modules``) for a use of its layers outside its
+    own call: DeepSpeed gathers a leaf block only when the block itself is called. Otherwise: nothing to do."""
+    if not getattr(block, "_z3_leaf", False):  # the flag deepspeed.utils.set_z3_leaf_module sets
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    return GatheredParameters(list(block.parameters()), modifier_rank=None)
+
+
+class MultiCropBlock(Block):
+    """timm's ``Block`` that also runs several token groups (crop sizes) in one call.
+
+    ``block(x)`` is timm's forward; ``block(x_1, ..., x_n)`` returns the tuple of each group run through it.
+    One call per block and step lets ZeRO-3 gather and reduce the block as one unit (a leaf module,
+    ``train.zero3_leaf_modules``): DeepSpeed reduces a leaf module's gradients when its backward ends, so a
+    second call in the same step would reduce a partial gradient.
+    """
+
+    def forward(self, *xs: torch.Tensor, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if len(xs) == 1:
+            return Block.forward(self, xs[0], **kwargs)
+        return tuple(Block.forward(self, x, **kwargs) for x in xs)
+
+
 class StainViT(VisionTransformer):
     """A timm ViT that also takes per-sample stain and marker ids (see the module docstring)."""
 
     def __init__(self, *, stain_mode: str, num_stains: int, num_markers: int, use_markers: bool,
                  stain_dropout: float, stain_init_std: float, mask_token: bool, drop_path_rate: float,
                  drop_path_uniform: bool, **kwargs: Any) -> None:
-        super().__init__(drop_path_rate=drop_path_rate, **kwargs)
+        super().__init__(drop_path_rate=drop_path_rate, block_fn=MultiCropBlock, **kwargs)
         if drop_path_uniform:  # DINOv2: the same rate in every block instead of timm's linear ramp
             for blk in self.blocks:
                 blk.drop_path1 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
@@ -153,10 +179,13 @@ class StainViT(VisionTransformer):
         return self.norm_pre(self.pos_drop(tokens))
 
     # ---------------------------------------------------------------------------------------- forward
-    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _block(self, blk: nn.Module, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """All token groups through one block, in one call of it (see :class:`MultiCropBlock`)."""
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, use_reentrant=False)
-        return blk(x)
+            out = checkpoint(blk, *xs, use_reentrant=False)
+        else:
+            out = blk(*xs)
+        return list(out) if isinstance(out, tuple) else [out]
 
     def _split(self, x: torch.Tensor) -> Features:
         """Normed token sequence -> named outputs (views of ``tokens``)."""
@@ -179,8 +208,8 @@ class StainViT(VisionTransformer):
             per group, a dict: ``cls [kB, D]``, ``patch [kB, N_i or K_i, D]``, ``reg [kB, R, D]``,
             ``tokens [kB, P + N_i, D]`` (all after the final norm) and ``num_prefix_tokens`` P.
 
-        Blocks run in the outer loop and groups in the inner one, so each block's weights are used
-        by all groups back to back (one ZeRO-3 gather per block with a reuse distance covering them).
+        Each block is called once with all groups (:class:`MultiCropBlock`), so its weights are used by all
+        groups back to back: one ZeRO-3 gather and one gradient reduction per block and step.
         """
         n = len(crops)
         masks = list(masks) if masks is not None else [None] * n
@@ -199,7 +228,7 @@ class StainViT(VisionTransformer):
             vec = stain_vec.repeat(crop.shape[0] // batch, 1) if stain_vec is not None else None
             xs.append(self.prepare_tokens(crop, vec, mask, keep))
         for blk in self.blocks:
-            xs = [self._block(blk, x) for x in xs]
+            xs = self._block(blk, xs)
         return [self._split(self.norm(x)) for x in xs]
 
     def forward_features(self, x: torch.Tensor, stain_ids: torch.Tensor, marker_ids: torch.Tensor,
@@ -225,7 +254,8 @@ class StainViT(VisionTransformer):
         for blk in self.blocks[:-1]:
             tokens = blk(tokens)
         last = self.blocks[-1]
-        return attention_probs(last.attn, last.norm1(tokens))
+        with leaf_weights_gathered(last):
+            return attention_probs(last.attn, last.norm1(tokens))
 
     def cls_attention_map(self, x: torch.Tensor, stain_ids: torch.Tensor, marker_ids: torch.Tensor) -> torch.Tensor:
         """CLS-to-patch attention of the last block as ``[B, heads, h, w]`` maps (rows sum to <= 1)."""
