@@ -101,6 +101,14 @@ def test_bad_trainer_settings_are_named_before_any_work(override, match):
         validate(load_config(overrides=override.split(" ")))
 
 
+def test_compile_blocks_auto_is_cuda_at_zero_0_to_2_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [E.compile_blocks_enabled("auto", cuda, stage) for stage in (0, 1, 2, 3)] == [True, True, True, False]
+    assert not E.compile_blocks_enabled("auto", cpu, 1)
+    assert E.compile_blocks_enabled(True, cpu, 1) and not E.compile_blocks_enabled(False, cuda, 1)
+    validate(load_config(overrides=["deepspeed=zero3"]))  # auto at ZeRO-3: eager blocks, no error
+
+
 def test_compile_blocks_compiles_every_transformer_block_in_place():
     torch.manual_seed(0)
     model = TinyObjective()

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero", nargs="+", type=int, help="ZeRO stages (deepspeed=zeroN)")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="train.precision")
     parser.add_argument("--compile", action="store_true",
-                        help="our side compiles its blocks (train.compile_blocks=true, the trainer's option)")
+                        help="our side compiles its blocks (train.compile_blocks=true; the default, auto, compiles "
+                             "them on a GPU at ZeRO 0-2: pass train.compile_blocks=false for eager blocks)")
     parser.add_argument("--compile-reference", action="store_true",
                         help="the reference compiles its blocks too (bench.step.compile_reference=true)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="on both sides")
@@ -160,7 +161,7 @@ def bench_one(cfg: Any, dist: Any, gemm: float) -> dict[str, Any]:
     from foundation.perf.measure import median, reset_peak_memory
     from foundation.perf.profile import idle_share
     from foundation.perf.synth import synthetic_batch
-    from foundation.train.engine import autocast_dtype
+    from foundation.train.engine import autocast_dtype, compile_blocks_enabled
     from foundation.train.trainer import build_schedules, check_objective_schedules, seed_everything
 
     seed = int(cfg.meta.seed)
@@ -190,7 +191,8 @@ def bench_one(cfg: Any, dist: Any, gemm: float) -> dict[str, Any]:
     row = {
         "model": str(cfg.defaults.model), "objective": str(cfg.objective.name), "batch": samples,
         "zero": int(cfg.deepspeed.zero_optimization.stage), "precision": str(cfg.train.precision),
-        "world_size": dist.world_size, "compile_blocks": bool(cfg.train.compile_blocks),
+        "world_size": dist.world_size, "compile_blocks": compile_blocks_enabled(
+            cfg.train.compile_blocks, dist.device, int(cfg.deepspeed.zero_optimization.stage)),
         "compile_reference": bool(cfg.bench.step.compile_reference),
         "activation_checkpointing": bool(cfg.train.activation_checkpointing), "schedule_iteration": iteration,
         "ours_step_s": ours_s, "ref_step_s": ref_s, "ours_step_s_repeats": ours_times,
