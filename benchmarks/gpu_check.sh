@@ -27,7 +27,7 @@ PART=${1:-all}
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STAGE=/tmp/gpu_stage; mkdir -p "$STAGE/parts" "$STAGE/logs"
 START=$(date +%s)
-case $PART in step) BUDGET_S=${BUDGET_S:-250};; profile) BUDGET_S=${BUDGET_S:-250};; extra) BUDGET_S=${BUDGET_S:-130};; data) BUDGET_S=${BUDGET_S:-260};;
+case $PART in step) BUDGET_S=${BUDGET_S:-250};; profile) BUDGET_S=${BUDGET_S:-250};; zero3) BUDGET_S=${BUDGET_S:-390};; extra) BUDGET_S=${BUDGET_S:-130};; data) BUDGET_S=${BUDGET_S:-260};;
               all) BUDGET_S=${BUDGET_S:-700};; *) BUDGET_S=${BUDGET_S:-30};; esac
 LOG="$OUT/$PART.log"
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
@@ -105,8 +105,8 @@ PY
 }
 
 log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
-case $PART in step|profile|extra|stash|data|all) ;;
-  *) echo "unknown part $PART: step | profile | extra | stash | data | all" >&2; exit 2;; esac
+case $PART in step|profile|zero3|extra|stash|data|all) ;;
+  *) echo "unknown part $PART: step | profile | zero3 | extra | stash | data | all" >&2; exit 2;; esac
 if [[ $PART == step || $PART == all ]]; then
   install_ess || exit 1
   if [[ ${SWEEP:-full} == core ]]; then  # the goals' corners: ViT-L iBOT and MAE at ZeRO-1 and 3, ViT-B iBOT ZeRO-1
@@ -126,6 +126,15 @@ if [[ $PART == profile ]]; then  # where the step's time goes: kernel time by ki
   step profile_ibot_vitl 60 --model vit_large --objective ibot --batch 64 --zero ${PROFILE_ZERO:-1} --profile 2
   step step_ibot_vitb 40 --model vit_base --objective ibot --batch 128 --zero 1
   step step_mae_vitb 30 --model vit_base --objective mae --batch 512 --zero 1
+fi
+if [[ $PART == zero3 ]]; then  # ZeRO-3 (leaf units, in-place fetch) profiled, ViT-B ZeRO-3, compiled blocks at ZeRO-1
+  install_ess || exit 1
+  step profile_mae_vitl_z3 60 --model vit_large --objective mae --batch 256 --zero 3 --profile 2
+  step profile_ibot_vitl_z3 80 --model vit_large --objective ibot --batch 64 --zero 3 --profile 2
+  step step_ibot_vitb_z3 30 --model vit_base --objective ibot --batch 128 --zero 3
+  step step_mae_vitb_z3 25 --model vit_base --objective mae --batch 512 --zero 3
+  step step_compile_ibot 100 --model vit_large --objective ibot --batch 64 --zero 1 --compile
+  step step_compile_mae 70 --model vit_large --objective mae --batch 256 --zero 1 --compile
 fi
 if [[ $PART == extra || $PART == all ]]; then
   install_ess || exit 1
