@@ -12,8 +12,11 @@
 #   `data` with .gpu/ess + 03 (BUDGET_S=125: ~2 min); then `step` (SWEEP=core BUDGET_S=195: ~2.5 min); give back.
 #   Second session: `profile` with ess + 00 (175 s), two short `stash`+bench calls with 01 (+ data) and 02, `data`
 #   with 03 (137 s), give back; a second lease later for `profile` with ess alone (203 s + start).
-#   Suggested next: `profile` with ess + 00 (BUDGET_S=220), `stash` with 01 (+ data), `stash` with 02, then `data`
-#   with 03 (BUDGET_S=240: tests, bench data auto/in-process, e2e vit_test and ViT-B MAE); ~9.5 min with the start.
+#   Fourth session (H200): `zero3` with ess alone, twice (290 s and 306 s; the machine started in ~30 s each).
+#   Suggested next: `zero3` from branch zero3-in-place-fetch with ess alone (~5.5 min), then the four DALI calls
+#   ending in `data` (pytest -m gpu now compiles blocks by default: give it BUDGET_S=300).
+#   `step`, `profile` and `data` now time compiled blocks on our side (train.compile_blocks: auto); add
+#   STEP_EXTRA=train.compile_blocks=false for eager ones.
 #
 # Calls must follow each other within the machine's warm period (30 s): each stashes what it carried under
 # /tmp/gpu_stage (outside the repository) and installs what it can. Results: $OUT/<part>.log (everything),
