@@ -132,6 +132,8 @@ if [[ $PART == profile ]]; then  # where the step's time goes: kernel time by ki
 fi
 if [[ $PART == zero3 ]]; then  # ZeRO-3 (leaf units, in-place fetch) profiled, ViT-B ZeRO-3, compiled blocks at ZeRO-1
   install_ess || exit 1
+  STEP_EXTRA=train.zero3_in_place_fetch=true step profile_mae_vitl_z3_inplace 60 --model vit_large --objective mae \
+    --batch 256 --zero 3 --profile 2
   step profile_mae_vitl_z3 60 --model vit_large --objective mae --batch 256 --zero 3 --profile 2
   step profile_ibot_vitl_z3 80 --model vit_large --objective ibot --batch 64 --zero 3 --profile 2
   step step_ibot_vitb_z3 30 --model vit_base --objective ibot --batch 128 --zero 3

@@ -23,6 +23,7 @@ from foundation.train.engine import (
 )
 from foundation.train.grad_norm import use_foreach_clipping
 from foundation.train.teacher import EMATeacher, init_teacher_weights, wrap_teacher
+from foundation.train.zero3_fetch import use_in_place_fetch
 from foundation.train.zero3_leaf import mark_leaf_blocks
 
 
@@ -55,6 +56,8 @@ def build_engines(objective: Objective, param_groups: Sequence[Mapping[str, Any]
     if bool(cfg.train.activation_checkpointing):
         enable_activation_checkpointing(objective.backbone().blocks)
     zero3 = ds_config["zero_optimization"]["stage"] == 3
+    if zero3:
+        use_in_place_fetch(bool(cfg.train.zero3_in_place_fetch))
     if zero3 and bool(cfg.train.zero3_leaf_modules):
         mark_leaf_blocks(objective, step_root=objective)
         if teacher_module is not None:

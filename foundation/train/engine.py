@@ -122,7 +122,7 @@ def validate_engine_config(cfg: Any) -> None:
     overlap = group["zero_optimization"].get("overlap_comm")
     if overlap not in AUTO_OR_BOOL:
         raise ConfigError(f"deepspeed.zero_optimization.overlap_comm must be one of {AUTO_OR_BOOL}, got {overlap!r}")
-    for key in ("grad_overflow_check", "zero3_leaf_modules"):
+    for key in ("grad_overflow_check", "zero3_leaf_modules", "zero3_in_place_fetch"):
         if not isinstance(train[key], bool):
             raise ConfigError(f"train.{key} must be true or false, got {train[key]!r}")
     if train.compile_blocks not in AUTO_OR_BOOL:
