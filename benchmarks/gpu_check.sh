@@ -13,8 +13,8 @@
 #   Second session: `profile` with ess + 00 (175 s), two short `stash`+bench calls with 01 (+ data) and 02, `data`
 #   with 03 (137 s), give back; a second lease later for `profile` with ess alone (203 s + start).
 #   Fourth session (H200): `zero3` with ess alone, twice (290 s and 306 s; the machine started in ~30 s each).
-#   Suggested next: `zero3` from branch zero3-in-place-fetch with ess alone (~5.5 min), then the four DALI calls
-#   ending in `data` (pytest -m gpu now compiles blocks by default: give it BUDGET_S=300).
+#   Suggested next: `zero3` with ess alone (~5.5 min: train.zero3_in_place_fetch measured; if it holds, make it the
+#   default), then the four DALI calls ending in `data` (pytest -m gpu now compiles blocks: give it BUDGET_S=300).
 #   `step`, `profile` and `data` now time compiled blocks on our side (train.compile_blocks: auto); add
 #   STEP_EXTRA=train.compile_blocks=false for eager ones.
 #
@@ -130,16 +130,16 @@ if [[ $PART == profile ]]; then  # where the step's time goes: kernel time by ki
   step step_ibot_vitb 40 --model vit_base --objective ibot --batch 128 --zero 1
   step step_mae_vitb 30 --model vit_base --objective mae --batch 512 --zero 1
 fi
-if [[ $PART == zero3 ]]; then  # ZeRO-3 (leaf units, in-place fetch) profiled, ViT-B ZeRO-3, compiled blocks at ZeRO-1
+if [[ $PART == zero3 ]]; then  # ZeRO-3 with the in-place fetch (profiled), its baseline, compiled ViT-B at ZeRO-1
   install_ess || exit 1
-  STEP_EXTRA=train.zero3_in_place_fetch=true step profile_mae_vitl_z3_inplace 60 --model vit_large --objective mae \
-    --batch 256 --zero 3 --profile 2
-  step profile_mae_vitl_z3 60 --model vit_large --objective mae --batch 256 --zero 3 --profile 2
-  step profile_ibot_vitl_z3 80 --model vit_large --objective ibot --batch 64 --zero 3 --profile 2
-  step step_ibot_vitb_z3 30 --model vit_base --objective ibot --batch 128 --zero 3
-  step step_mae_vitb_z3 25 --model vit_base --objective mae --batch 512 --zero 3
-  step step_compile_ibot 100 --model vit_large --objective ibot --batch 64 --zero 1 --compile
-  step step_compile_mae 70 --model vit_large --objective mae --batch 256 --zero 1 --compile
+  INPLACE=train.zero3_in_place_fetch=true
+  STEP_EXTRA=$INPLACE step profile_mae_vitl_z3_inplace 60 --model vit_large --objective mae --batch 256 --zero 3 --profile 2
+  STEP_EXTRA=$INPLACE step profile_ibot_vitl_z3_inplace 80 --model vit_large --objective ibot --batch 64 --zero 3 --profile 2
+  STEP_EXTRA=$INPLACE step step_ibot_vitb_z3_inplace 30 --model vit_base --objective ibot --batch 128 --zero 3
+  STEP_EXTRA=$INPLACE step step_mae_vitb_z3_inplace 25 --model vit_base --objective mae --batch 512 --zero 3
+  step step_mae_vitl_z3 35 --model vit_large --objective mae --batch 256 --zero 3  # DeepSpeed's fetch, same session
+  step step_ibot_vitb_z1 60 --model vit_base --objective ibot --batch 128 --zero 1  # compiled blocks (auto)
+  step step_mae_vitb_z1 45 --model vit_base --objective mae --batch 512 --zero 1
 fi
 if [[ $PART == extra || $PART == all ]]; then
   install_ess || exit 1
