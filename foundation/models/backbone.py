@@ -21,6 +21,7 @@ here are stain-aware; timm's ``forward_intermediates`` & co. are not.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -75,7 +76,8 @@ def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def leaf_weights_gathered(block: nn.Module) -> contextlib.AbstractContextManager:
     """Gather the weights of a ZeRO-3 leaf block (``train.zero3_leaf_modules``) for a use of its layers outside its
     own call: DeepSpeed gathers a leaf block only when the block itself is called. Otherwise: nothing to do."""
-    if not getattr(block, "_z3_leaf", False):  # the flag deepspeed.utils.set_z3_leaf_module sets
+    ds_utils = sys.modules.get("deepspeed.utils")  # no leaf without DeepSpeed loaded: export and eval do not load it
+    if ds_utils is None or not ds_utils.z3_leaf_module(block):
         return contextlib.nullcontext()
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 

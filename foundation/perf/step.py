@@ -188,11 +188,11 @@ def bench_one(cfg: Any, dist: Any, gemm: float) -> dict[str, Any]:
     reset_peak_memory(dist.device)
 
     ours_s, ref_s = median(ours_times), median(ref_times)
+    stage = int(cfg.deepspeed.zero_optimization.stage)
     row = {
         "model": str(cfg.defaults.model), "objective": str(cfg.objective.name), "batch": samples,
-        "zero": int(cfg.deepspeed.zero_optimization.stage), "precision": str(cfg.train.precision),
-        "world_size": dist.world_size, "compile_blocks": compile_blocks_enabled(
-            cfg.train.compile_blocks, dist.device, int(cfg.deepspeed.zero_optimization.stage)),
+        "zero": stage, "precision": str(cfg.train.precision), "world_size": dist.world_size,
+        "compile_blocks": compile_blocks_enabled(cfg.train.compile_blocks, dist.device, stage),
         "compile_reference": bool(cfg.bench.step.compile_reference),
         "activation_checkpointing": bool(cfg.train.activation_checkpointing), "schedule_iteration": iteration,
         "ours_step_s": ours_s, "ref_step_s": ref_s, "ours_step_s_repeats": ours_times,

@@ -20,6 +20,7 @@ from foundation.train.engine import (
     enable_activation_checkpointing,
     initialize_engine,
     register_container_parameters,
+    zero_stage,
 )
 from foundation.train.grad_norm import use_foreach_clipping
 from foundation.train.teacher import EMATeacher, init_teacher_weights, wrap_teacher
@@ -55,7 +56,8 @@ def build_engines(objective: Objective, param_groups: Sequence[Mapping[str, Any]
     init_teacher_weights(pairs)
     if bool(cfg.train.activation_checkpointing):
         enable_activation_checkpointing(objective.backbone().blocks)
-    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    stage = zero_stage(ds_config)
+    zero3 = stage == 3
     if zero3:
         use_in_place_fetch(bool(cfg.train.zero3_in_place_fetch))
     if zero3 and bool(cfg.train.zero3_leaf_modules):
@@ -67,7 +69,7 @@ def build_engines(objective: Objective, param_groups: Sequence[Mapping[str, Any]
     use_foreach_clipping(engine.optimizer)  # ZeRO-1/2: clipping norm and scale without host work
     autocast_inside_engine(engine.module, dist.device, autocast_dtype(str(cfg.train.precision)))
     teacher = wrap_teacher(teacher_module, pairs, ds_config, dist.device) if teacher_module is not None else None
-    if compile_blocks_enabled(cfg.train.compile_blocks, dist.device, int(ds_config["zero_optimization"]["stage"])):
+    if compile_blocks_enabled(cfg.train.compile_blocks, dist.device, stage):
         compile_blocks(engine.module)
         if teacher is not None:
             compile_blocks(teacher.module)

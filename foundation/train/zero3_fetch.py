@@ -44,10 +44,11 @@ def _fetch_in_place(deepspeed_fetch: Callable[[Iterable[Any]], Any]) -> Callable
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    device = torch.device(get_accelerator().current_device_name())  # the rank's device, set before the engine
+
     @functools.wraps(deepspeed_fetch)
     def no_gather_coalesced(params: Iterable[torch.nn.Parameter]) -> Any:
         params = list(params)
-        device = torch.device(get_accelerator().current_device_name())
         in_place = all(p.ds_tensor.device == device and not hasattr(p.ds_tensor, "ds_quant_scale") for p in params)
         if not params or not in_place:
             return deepspeed_fetch(params)
