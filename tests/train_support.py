@@ -8,8 +8,12 @@ from ``step_values``, a prototype ("last layer") parameter group, and ``.blocks`
 from __future__ import annotations
 
 import copy
+import faulthandler
 import os
 import socket
+import sys
+import tempfile
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -155,23 +159,51 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+RANK_LOG_TAIL = 60  # lines of each rank's stderr that a failed spawn reports
+
+
+def _entry(rank: int, world_size: int, port: int, log_dir: str, fn: Callable[..., Any], args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    # The rank's stderr (C++ aborts included) and, on a fatal signal, every thread's Python stack go to a file
+    # that spawn() reports if the run fails: pytest's capture of several ranks' output is long and interleaved.
+    log = open(Path(log_dir) / f"rank{rank}.log", "w")  # noqa: SIM115 - open until the process ends
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(file=log, all_threads=True)
     torch.set_num_threads(1)
     try:
         fn(rank, *args)
+    except BaseException:
+        traceback.print_exc()
+        raise
     finally:
         if torch.distributed.is_initialized():  # not left to interpreter exit (see foundation/cli.py)
             torch.distributed.destroy_process_group()
 
 
-def spawn(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:
-    """Run ``fn(rank, *args)`` on ``world_size`` gloo ranks; an exception on any rank fails the caller."""
-    import torch.multiprocessing as mp
+def _rank_logs(log_dir: Path) -> str:
+    parts = []
+    for path in sorted(log_dir.glob("rank*.log")):
+        lines = path.read_text(errors="replace").splitlines()[-RANK_LOG_TAIL:]
+        parts.append(f"--- {path.stem}: last {len(lines)} lines of stderr ---\n" + "\n".join(lines))
+    return "\n".join(parts)
 
-    mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, start_method="spawn")
+
+def spawn(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:
+    """Run ``fn(rank, *args)`` on ``world_size`` gloo ranks; an exception or a fatal signal on any rank fails the
+    caller with torch's exception, its message followed by the tail of every rank's stderr."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    with tempfile.TemporaryDirectory(prefix="ranks-") as log_dir:
+        try:
+            mp.start_processes(_entry, args=(world_size, free_port(), log_dir, fn, args), nprocs=world_size,
+                               start_method="spawn")
+        except ProcessException as err:
+            err.args = (f"{err.args[0]}\n{_rank_logs(Path(log_dir))}", *err.args[1:])
+            raise
 
 
 def tiny_overrides(out_dir: str, stage: int, iterations: int = 6, **extra: Any) -> list[str]:
