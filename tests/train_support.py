@@ -177,10 +177,19 @@ def _entry(rank: int, world_size: int, port: int, log_dir: str, fn: Callable[...
         fn(rank, *args)
     except BaseException:
         traceback.print_exc()
-        raise
-    finally:
         if torch.distributed.is_initialized():  # not left to interpreter exit (see foundation/cli.py)
             torch.distributed.destroy_process_group()
+        raise
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank's collectives, async ones included, are done before any leaves
+        torch.distributed.destroy_process_group()
+    # A rank that did its work leaves without interpreter finalization. ZeRO-3 parameters and DeepSpeed's groups
+    # keep the gloo process groups (worker and TCP threads, rank 0's store server) alive past
+    # destroy_process_group, and torn down in finalization's order they now and then abort a finished rank
+    # (SIGABRT, or "terminate called without an active exception").
+    sys.stdout.flush()
+    log.flush()
+    os._exit(0)
 
 
 def _rank_logs(log_dir: Path) -> str:
