@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from typing import NoReturn
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-seg": ("foundation.eval.seg_cli", "Ki67 segmentation demonstrator: linear decoder on frozen patch tokens"),
     "bench": ("foundation.bench", "throughput benchmarks: `bench data` (data pipeline vs a plain DataLoader)"),
 }
+
+_left_process_group = False  # set when a command run by main() joined a process group and left it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +86,27 @@ def _leave_process_group() -> None:
     exception")."""
     import torch.distributed as dist
 
+    global _left_process_group
     dist.destroy_process_group()
+    _left_process_group = True
+
+
+def entry(argv: list[str] | None = None) -> NoReturn:
+    """The ``foundation`` program: :func:`main`, then exit with its status.
+
+    A command that joined a process group exits without interpreter finalization. ZeRO-3 parameters and
+    DeepSpeed's groups keep the group's communication threads (and rank 0's store server) alive past
+    ``destroy_process_group``; finalization tears them down in no set order, and now and then aborted a rank
+    that had finished its work (SIGABRT). Everything the run writes is closed by then; logs are flushed here.
+    """
+    status = main(argv)
+    if _left_process_group:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

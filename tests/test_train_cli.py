@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from foundation.cli import main
+from foundation.cli import entry, main
 from foundation.config import load_config
 from foundation.train.trainer import validate
 
@@ -41,3 +44,38 @@ def test_launcher_local_rank_argument_is_accepted(tmp_path, caplog):
 def test_every_preset_composes_and_validates(preset):
     cfg = load_config(preset)
     validate(cfg)
+
+
+def test_entry_exits_with_the_command_status(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        entry(["train", "--config", "cpu_smoke", f"meta.output_dir={tmp_path}/r"])  # no index: status 2
+    assert exit_info.value.code == 2
+
+
+ENTRY_AFTER_A_PROCESS_GROUP = """
+import atexit, os, socket, sys
+import torch.distributed as dist
+import foundation.cli as cli
+
+def command(argv):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo")
+    atexit.register(lambda: print("interpreter finalization ran"))
+    cli._leave_process_group()
+    print("command done")
+    return 3
+
+cli.main = command
+cli.entry(["train"])
+"""
+
+
+def test_entry_skips_interpreter_finalization_after_a_process_group():
+    """A command that joined a process group exits with its status, its output flushed, and no finalization."""
+    proc = subprocess.run([sys.executable, "-c", ENTRY_AFTER_A_PROCESS_GROUP], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="0"))
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.splitlines() == ["command done"]

@@ -5,6 +5,6 @@
 
 import sys
 
-from foundation.cli import main
+from foundation.cli import entry
 
-sys.exit(main(["train", *sys.argv[1:]]))
+entry(["train", *sys.argv[1:]])
