@@ -1,5 +1,5 @@
-import sys
+"""``python -m foundation``: the ``foundation`` program."""
 
-from foundation.cli import main
+from foundation.cli import entry
 
-sys.exit(main())
+entry()
