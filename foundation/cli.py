@@ -81,9 +81,8 @@ def _in_process_group() -> bool:
 
 
 def _leave_process_group() -> None:
-    """Destroy the process group the command joined: left to interpreter exit, gloo's and NCCL's threads are torn
-    down in no set order (NCCL warns; a gloo rank once aborted with "terminate called without an active
-    exception")."""
+    """Destroy the process group the command joined (NCCL warns when it is left to interpreter exit). Its threads
+    may still outlive this: :func:`entry` then exits without finalization."""
     import torch.distributed as dist
 
     global _left_process_group
@@ -91,20 +90,27 @@ def _leave_process_group() -> None:
     _left_process_group = True
 
 
-def entry(argv: list[str] | None = None) -> NoReturn:
-    """The ``foundation`` program: :func:`main`, then exit with its status.
+def exit_without_finalization(status: int) -> NoReturn:
+    """Flush the logs and standard streams, then end the process with ``status`` at once.
 
-    A command that joined a process group exits without interpreter finalization. ZeRO-3 parameters and
-    DeepSpeed's groups keep the group's communication threads (and rank 0's store server) alive past
-    ``destroy_process_group``; finalization tears them down in no set order, and now and then aborted a rank
-    that had finished its work (SIGABRT). Everything the run writes is closed by then; logs are flushed here.
+    For a process that joined a process group: ZeRO-3 parameters and DeepSpeed's groups keep the group's
+    communication threads (and rank 0's store server) alive past ``destroy_process_group``; interpreter
+    finalization tears them down in no set order, and now and then aborted a rank that had finished its work
+    (SIGABRT, or "terminate called without an active exception").
     """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def entry(argv: list[str] | None = None) -> NoReturn:
+    """The ``foundation`` program: :func:`main`, then exit with its status; a command that joined a process group
+    exits without interpreter finalization (:func:`exit_without_finalization`). Everything the run writes is
+    closed by then."""
     status = main(argv)
     if _left_process_group:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        exit_without_finalization(status)
     sys.exit(status)
 
 

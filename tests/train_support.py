@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from foundation.cli import exit_without_finalization
 from foundation.objectives.base import Batch, Objective
 
 IMG = 32
@@ -175,21 +176,16 @@ def _entry(rank: int, world_size: int, port: int, log_dir: str, fn: Callable[...
     torch.set_num_threads(1)
     try:
         fn(rank, *args)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's collectives, async ones included, are done before any leaves
     except BaseException:
         traceback.print_exc()
-        if torch.distributed.is_initialized():  # not left to interpreter exit (see foundation/cli.py)
-            torch.distributed.destroy_process_group()
         raise
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank's collectives, async ones included, are done before any leaves
-        torch.distributed.destroy_process_group()
-    # A rank that did its work leaves without interpreter finalization. ZeRO-3 parameters and DeepSpeed's groups
-    # keep the gloo process groups (worker and TCP threads, rank 0's store server) alive past
-    # destroy_process_group, and torn down in finalization's order they now and then abort a finished rank
-    # (SIGABRT, or "terminate called without an active exception").
-    sys.stdout.flush()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     log.flush()
-    os._exit(0)
+    exit_without_finalization(0)  # a rank that did its work: as the foundation program does (foundation/cli.py)
 
 
 def _rank_logs(log_dir: Path) -> str:
