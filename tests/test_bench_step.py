@@ -103,3 +103,22 @@ def test_step_bench_on_the_gpu(tmp_path: Path) -> None:
             kinds = row[f"{side}_profile"]["device_ms_per_step_by_kind"]
             assert kinds["matmul"] > 0 and 0 <= row[f"{side}_idle_share"] < 1, (side, kinds)
             assert row[f"{side}_device_ms"] <= row[f"{side}_step_s"] * 1000 * 1.2, row  # kernels fit in the step
+
+
+@pytest.mark.parametrize(("argv", "objective", "model", "overrides"), [
+    (["--objective", "mae", "model.depth=24", "--zero", "3"], ["mae"], None, ["model.depth=24"]),
+    (["--model", "vit_test", "train.lr=1e-4", "--objective", "ibot", "mae", "a.b=1"], ["ibot", "mae"], ["vit_test"],
+     ["train.lr=1e-4", "a.b=1"]),
+    (["x.y=2", "--objective", "mae"], ["mae"], None, ["x.y=2"]),
+])
+def test_overrides_after_a_list_option_stay_overrides(argv: list[str], objective: list[str],
+                                                       model: list[str] | None, overrides: list[str]) -> None:
+    import argparse
+
+    from foundation.perf.step import add_arguments, take_swallowed_overrides
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    take_swallowed_overrides(args)
+    assert (args.objective, args.model, args.overrides) == (objective, model, overrides)

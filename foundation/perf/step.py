@@ -59,6 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (bench.step.* too)")
 
 
+def take_swallowed_overrides(args: argparse.Namespace) -> None:
+    """Move ``key=value`` items that ``--model``/``--objective`` took (options of several values) to the overrides.
+
+    ``--objective mae train.lr=1e-4`` otherwise reads ``train.lr=1e-4`` as a second objective name.
+    """
+    for option in ("model", "objective"):
+        values = getattr(args, option) or []
+        names = [v for v in values if "=" not in v]
+        if len(names) < len(values):
+            args.overrides = [*args.overrides, *(v for v in values if "=" in v)]
+            setattr(args, option, names or None)
+
+
 def compose(preset: str | None, overrides: list[str], model: str | None, objective: str | None,
             batch: int | None, zero: int | None, precision: str | None) -> Any:
     """The full config of one combination (group choices and keys as ``foundation train`` would take them)."""
@@ -224,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     from foundation.perf.report import table, write_json, write_tensorboard
     from foundation.train.engine import init_distributed
 
+    take_swallowed_overrides(args)
     overrides = list(args.overrides)
     if args.activation_checkpointing:
         overrides.append("train.activation_checkpointing=true")
