@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from slide_support import damage_tiles
 
 from foundation.cli import main
 from foundation.config import load_config, to_dict
@@ -209,3 +210,16 @@ def test_two_worker_processes_give_the_same_index(corpus: dict[str, Path], first
     for c in COLUMN_DTYPES:
         assert np.array_equal(np.load(out / "tiles" / f"{c}.npy"), np.load(first_run / "tiles" / f"{c}.npy"))
     assert _errors(out) == _errors(first_run)
+
+
+def test_a_slide_with_damaged_tiles_is_reported_unless_the_check_is_off(wsi: dict[str, Path], tmp_path: Path) -> None:
+    damage_tiles(wsi["svs_jpeg"], tmp_path / "damaged.svs", {(4, 5): "head"})
+    manifest = _manifest(tmp_path / "m.csv", [(str(wsi["svs_jpeg"]), "H&E", "", "p1", ""),
+                                              ("damaged.svs", "H&E", "", "p2", "")])
+    assert _index(manifest, tmp_path / "checked") == 0
+    assert set(_errors(tmp_path / "checked")) == {"damaged.svs"}
+    assert "level 0: 1 of 130 tiles are damaged" in _errors(tmp_path / "checked")["damaged.svs"]
+    # without the check the slide opens and is indexed: its readers decode the zeroed tile without an error
+    assert _index(manifest, tmp_path / "unchecked", "index.check_tiles=false") == 0
+    assert _errors(tmp_path / "unchecked") == {}
+    assert len(TileIndex.load(tmp_path / "unchecked").slides) == 2

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from slide_support import damage_tiles
 
 from foundation.slides.raw_tiles import ADOBE_RGB_MARKER, RawTileSource
 from foundation.slides.readers import SlideError, open_slide
@@ -121,3 +122,30 @@ def test_dali_cpu_decoder_reads_the_spliced_tiles(wsi: dict[str, Path]) -> None:
     (out,) = pipe.run()
     for i, ref in enumerate(refs):
         assert np.abs(np.asarray(out[i]).astype(np.int16) - ref).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["svs_jpeg", "svs_j2k", "ome_tiff", "ihc_tiff"])
+def test_real_slides_have_no_damaged_tiles(wsi: dict[str, Path], name: str) -> None:
+    from foundation.slides.tiff_tiles import TiledTiff, check_tile_streams
+
+    check_tile_streams(wsi[name])  # raises on any damaged tile
+    tiff = TiledTiff(wsi[name])
+    try:
+        assert [tiff.damaged_tiles(level) for level in range(len(tiff.levels))] == [[]] * len(tiff.levels)
+    finally:
+        tiff.close()
+
+
+@pytest.mark.parametrize("name", ["svs_jpeg", "svs_j2k"])
+def test_zeroed_and_cut_off_tiles_are_found(wsi: dict[str, Path], tmp_path: Path, name: str) -> None:
+    from foundation.slides.tiff_tiles import TiledTiff, check_tile_streams
+
+    damaged = damage_tiles(wsi[name], tmp_path / f"damaged{wsi[name].suffix}",
+                      {(3, 4): "head", (1, 6): "tail", (5, 0): "head"})
+    tiff = TiledTiff(damaged)
+    try:
+        assert tiff.damaged_tiles(0) == [(5, 0), (3, 4), (1, 6)]  # row-major
+    finally:
+        tiff.close()
+    with pytest.raises(SlideError, match=r"level 0: 3 of \d+ tiles are damaged .* first at tile \(col, row\) \(5, 0\)"):
+        check_tile_streams(damaged)

@@ -30,12 +30,11 @@ from typing import Any
 import numpy as np
 
 from foundation.data.crops import Region
+from foundation.slides.tiff_tiles import JPEG_EOI, JPEG_SOI
 
 log = logging.getLogger(__name__)
 
 RAW_TILE_MODES = ("auto", "always", "never")
-JPEG_SOI = b"\xff\xd8"
-JPEG_EOI = b"\xff\xd9"
 
 
 class ReadError(RuntimeError):

@@ -20,20 +20,12 @@ import numpy as np
 from PIL import Image
 
 from foundation.slides.errors import SlideError
-from foundation.slides.tiff_tiles import TiledTiff, to_rgb
+from foundation.slides.tiff_tiles import JPEG_EOI, JPEG_SOI, TiledTiff, is_tiff, to_rgb
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _COMPRESSION_JPEG = 7
 _PHOTOMETRIC = {2: "rgb", 6: "ycbcr"}
-_SOI = b"\xff\xd8"
-_EOI = b"\xff\xd9"
 # APP14 "Adobe": length 14, version 100, flags0 0, flags1 0, transform 0 (components are RGB, not YCbCr).
 ADOBE_RGB_MARKER = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
-
-
-def _is_tiff(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(4) in _TIFF_MAGIC
 
 
 def _has_adobe_marker(stream: bytes) -> bool:
@@ -54,7 +46,7 @@ class RawTileSource:
         path = Path(path)
         if not path.is_file():
             raise SlideError(path, "file not found")
-        if not _is_tiff(path):
+        if not is_tiff(path):
             return None
         tiles = TiledTiff(path)
         for lvl in tiles.levels:
@@ -115,15 +107,15 @@ class RawTileSource:
         where = f"level {level} tile ({col}, {row})"
         if not data:
             raise SlideError(self.path, f"{where} is not stored in the file (zero byte count)")
-        if not data.startswith(_SOI):
+        if not data.startswith(JPEG_SOI):
             raise SlideError(self.path, f"{where} is not a JPEG stream (starts with {data[:2].hex()})")
         tables = self._tiles.levels[level].page.jpegtables
         if tables:
-            if not (tables.startswith(_SOI) and tables.endswith(_EOI)):
+            if not (tables.startswith(JPEG_SOI) and tables.endswith(JPEG_EOI)):
                 raise SlideError(self.path, f"level {level}: JPEGTables is not an SOI..EOI tables stream")
             data = tables[:-2] + data[2:]
         if self.photometric(level) == "rgb" and not _has_adobe_marker(data):
-            data = _SOI + ADOBE_RGB_MARKER + data[2:]
+            data = JPEG_SOI + ADOBE_RGB_MARKER + data[2:]
         return data
 
     def decode_tile(self, level: int, col: int, row: int) -> np.ndarray | None:

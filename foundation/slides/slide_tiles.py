@@ -1,7 +1,8 @@
 """Index one slide: thumbnail -> tissue mask -> tile grid per target µm/px -> cache file (+ QC picture).
 
 This runs in the worker processes of ``foundation index``. Its whole cost is one thumbnail-level
-read plus array work on the mask; no tile is read at full resolution. The result goes to a per-slide
+read plus array work on the mask, and a check of every compressed tile's first and last bytes
+(``index.check_tiles``); no tile is decoded at full resolution. The result goes to a per-slide
 cache entry (``.tiles`` + ``.json``), so the parent process only handles small outcome records.
 """
 
@@ -23,6 +24,7 @@ from foundation.slides.grid import make_grid, summed_area, tissue_fractions
 from foundation.slides.qc import render_qc, sample_evenly, write_qc
 from foundation.slides.readers import open_slide
 from foundation.slides.thumbnail import read_thumbnail
+from foundation.slides.tiff_tiles import check_tile_streams
 from foundation.slides.tissue import TissueParams, tissue_mask
 
 # Per-slide tile columns (the index adds ``slide``) and their on-disk types.
@@ -45,6 +47,7 @@ class IndexParams:
     qc_max_tiles: int
     qc_side: int
     strict: bool
+    check_tiles: bool
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> IndexParams:
@@ -57,7 +60,8 @@ class IndexParams:
         params = cls(mpp=targets, tile_size=int(cfg["tile_size"]), min_tissue=float(cfg["min_tissue"]),
                      stride_fraction=float(cfg["stride_fraction"]), mpp_tolerance=float(cfg["mpp_tolerance"]),
                      workers=int(cfg["workers"]), qc=bool(cfg["qc"]), qc_max_tiles=int(cfg["qc_max_tiles"]),
-                     qc_side=int(cfg["qc_side"]), strict=bool(cfg["strict"]))
+                     qc_side=int(cfg["qc_side"]), strict=bool(cfg["strict"]),
+                     check_tiles=bool(cfg["check_tiles"]))
         for key in ("tile_size", "stride_fraction", "workers", "qc_side"):
             if getattr(params, key) <= 0:
                 raise ValueError(f"index.{key} must be positive, got {getattr(params, key)!r}")
@@ -70,7 +74,8 @@ class IndexParams:
     def tiling(self) -> dict[str, Any]:
         """The settings that change a slide's tiles (part of each slide's cache fingerprint)."""
         return {"mpp": list(self.mpp), "tile_size": self.tile_size, "min_tissue": self.min_tissue,
-                "stride_fraction": self.stride_fraction, "mpp_tolerance": self.mpp_tolerance}
+                "stride_fraction": self.stride_fraction, "mpp_tolerance": self.mpp_tolerance,
+                "check_tiles": self.check_tiles}
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,8 @@ def index_slide(job: SlideJob) -> SlideOutcome:
     params: IndexParams = _WORKER["params"]
     try:
         with open_slide(job.path, _WORKER["reader"], job.mpp) as slide:
+            if params.check_tiles:
+                check_tile_streams(job.path)
             thumb = read_thumbnail(slide, tissue.thumbnail_mpp, tissue.max_thumbnail_side, tissue.max_read_pixels)
             mask = tissue_mask(thumb.image, tissue)
             columns, boxes = tile_slide(slide.level_dimensions, slide.level_downsamples, slide.mpp, mask,

@@ -7,6 +7,7 @@ Regions are assembled from whole tiles; what lies outside the level reads as ``F
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,22 @@ from foundation.slides.errors import SlideError
 FILL = 255  # outside the slide reads as white glass
 _PLANAR_CONTIG = 1
 _RGB_SAMPLES = 3
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+JPEG_SOI = b"\xff\xd8"
+JPEG_EOI = b"\xff\xd9"  # also the JPEG 2000 end-of-codestream marker
+_J2K_SOC = b"\xff\x4f"
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
+# How a tile's compressed stream starts, by TIFF compression: JPEG, Aperio JPEG 2000 (YCbCr, RGB), JPEG 2000
+# (a codestream or a JP2 file). Every stream ends with JPEG_EOI.
+STREAM_STARTS: dict[int, tuple[bytes, ...]] = {
+    7: (JPEG_SOI,), 33003: (_J2K_SOC,), 33005: (_J2K_SOC,), 34712: (_J2K_SOC, _JP2_SIGNATURE),
+}
+_STREAM_TAIL = 8  # bytes searched for the end marker: some writers pad a stream after it
+
+
+def is_tiff(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) in TIFF_MAGIC
 
 
 @dataclass(frozen=True)
@@ -105,6 +122,27 @@ class TiledTiff:
                                         f"{len(data)} of {count} bytes at offset {lvl.offsets[index]}")
         return data
 
+    def damaged_tiles(self, level: int) -> list[tuple[int, int]]:
+        """(col, row) of the stored tiles whose stream lacks its start or end marker (JPEG, JPEG 2000 levels).
+
+        Two small reads per tile. They catch zeroed, overwritten and cut-off tiles, which region readers return as
+        black pixels without an error; damage inside the entropy-coded data is not caught.
+        """
+        lvl = self.levels[level]
+        starts = STREAM_STARTS.get(int(lvl.page.compression))
+        if starts is None:
+            return []
+        head = max(len(s) for s in starts)
+        damaged = []
+        for index, (offset, count) in enumerate(zip(lvl.offsets, lvl.bytecounts, strict=True)):
+            if count == 0:
+                continue  # not stored: reads as glass
+            tail = min(count, _STREAM_TAIL)
+            if (count < head + len(JPEG_EOI) or not os.pread(self._fd, head, offset).startswith(starts)
+                    or JPEG_EOI not in os.pread(self._fd, tail, offset + count - tail)):
+                damaged.append((index % lvl.cols, index // lvl.cols))
+        return damaged
+
     def decode_tile(self, level: int, col: int, row: int) -> np.ndarray | None:
         """One tile decoded by tifffile (any compression imagecodecs knows) as HxWx3 uint8, or None if absent."""
         lvl = self.levels[level]
@@ -145,3 +183,24 @@ def to_rgb(array: np.ndarray, path: Path) -> np.ndarray:
     if array.shape[-1] == 1:
         return np.repeat(array, _RGB_SAMPLES, axis=-1)
     return np.ascontiguousarray(array[..., :_RGB_SAMPLES])
+
+
+def check_tile_streams(path: str | os.PathLike) -> None:
+    """Raise :class:`SlideError` naming the damaged tiles of a JPEG / JPEG 2000 TIFF pyramid (:meth:`damaged_tiles`).
+
+    Files that are not TIFF, or that tifffile cannot lay out as tiled levels, are left to their reader.
+    """
+    path = Path(path)
+    if not is_tiff(path):
+        return
+    try:
+        tiff = TiledTiff(path)
+    except SlideError:
+        return
+    with contextlib.closing(tiff):
+        for level in range(len(tiff.levels)):
+            damaged = tiff.damaged_tiles(level)
+            if damaged:
+                lvl = tiff.levels[level]
+                raise SlideError(path, f"level {level}: {len(damaged)} of {lvl.cols * lvl.rows} tiles are damaged "
+                                       f"(no complete compressed stream), first at tile (col, row) {damaged[0]}")
