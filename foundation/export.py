@@ -131,8 +131,8 @@ def export_backbone(backbone: StainViT, model_cfg: Mapping[str, Any], vocab: Sta
                                              or backbone.stain_token.num_markers not in (0, vocab.num_markers)):
         raise ValueError(f"vocabulary has {vocab.num_stains} stains / {vocab.num_markers} markers but the backbone's "
                          f"tables have {backbone.stain_token.num_stains} / {backbone.stain_token.num_markers}")
-    stain_id = vocab.stain_id(stain) if stain else 0
-    marker_id = vocab.marker_id(marker) if marker else 0
+    label = vocab.requested_label(stain, marker)
+    stain_id, marker_id = label.stain_id, label.marker_id
     arch = str(model_cfg["arch"])
     kwargs = exported_model_args(model_cfg, backbone.stain_mode)
     state = timm_state_dict(backbone, stain_id, marker_id)

@@ -189,6 +189,12 @@ class StainVocabulary:
             raise ValueError(f"marker {marker!r} given for non-IHC stain {self.stain_name(stain_id)!r}")
         return StainLabel(stain_id, marker_id)
 
+    def requested_label(self, stain: str | None, marker: str | None) -> StainLabel:
+        """Label named on a command line: like :meth:`label`, with ``None`` and ``unknown`` for either part."""
+        stain = "" if stain is None or normalise(stain) == UNKNOWN else stain
+        marker = "" if marker is None or normalise(marker) == UNKNOWN else marker
+        return self.label(stain, marker)
+
     def describe(self, label: StainLabel) -> str:
         name = self.stain_name(label.stain_id)
         return f"{name}/{self.marker_name(label.marker_id)}" if label.marker_id else name

@@ -128,3 +128,29 @@ def test_export_errors(tmp_path):
     _, other_cfg = trained_like("model.depth=3")
     with pytest.raises(ValueError, match="do not fit timm"):
         export_backbone(ours, other_cfg, VOCAB, tmp_path)
+
+
+def test_a_marker_alone_folds_ihc_and_a_marker_on_he_is_refused(tmp_path):
+    ours, model_cfg = trained_like()
+    _, info = load_exported(export_backbone(ours, model_cfg, VOCAB, tmp_path / "ki67", marker="Ki67"))
+    assert info["folded_label"] == "IHC/Ki67"  # as in the manifest: a marker alone means IHC
+    assert (info["folded_stain_id"], info["folded_marker_id"]) == (VOCAB.stain_id("IHC"), VOCAB.marker_id("Ki67"))
+    with pytest.raises(ValueError, match="marker 'Ki67' given for non-IHC stain 'H&E'"):
+        export_backbone(ours, model_cfg, VOCAB, tmp_path / "he", stain="HE", marker="Ki67")
+
+
+def test_eval_encoder_keeps_the_folded_label_unless_another_is_asked_for(tmp_path):
+    from foundation.eval.weights import load_encoder
+
+    ours, model_cfg = trained_like()
+    cfg = tiny_cfg("ibot")
+    ki67 = export_backbone(ours, model_cfg, VOCAB, tmp_path / "ki67", stain="IHC", marker="Ki67")
+    plain = export_backbone(ours, model_cfg, VOCAB, tmp_path / "plain")
+    tiles = torch.randint(0, 256, (2, 3, IMG, IMG), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    kept = load_encoder(str(ki67), cfg)
+    asked = load_encoder(str(plain), cfg, stain="IHC", marker="Ki67")
+    unknown = load_encoder(str(ki67), cfg, stain="unknown")
+    assert (kept.label, asked.label, unknown.label) == ("IHC/Ki67", "IHC/Ki67", "unknown")
+    assert torch.equal(kept.features(tiles, "cls"), asked.features(tiles, "cls"))
+    assert not torch.equal(kept.features(tiles, "cls"), unknown.features(tiles, "cls"))
+    assert torch.equal(unknown.features(tiles, "cls"), load_encoder(str(plain), cfg).features(tiles, "cls"))

@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     metadata = {
         "weights": args.weights, "encoder": s.encoder.describe(), "input": str(args.input), "input_kind": kind,
-        "image_size": s.image_size, "pooling": str(emb_cfg.pooling), "stain": str(emb_cfg.stain),
-        "marker": str(emb_cfg.marker), "student": bool(args.student), "eval_config": to_dict(s.cfg.eval),
+        "image_size": s.image_size, "pooling": str(emb_cfg.pooling), "stain": s.encoder.label,
+        "student": bool(args.student), "eval_config": to_dict(s.cfg.eval),
     }
     emb = Embeddings(features["encoder"].astype(np.float32), names, labels, class_names, arrays, metadata)
     save_embeddings(args.out, emb)

@@ -45,7 +45,7 @@ class Encoder(ABC):
     """A frozen ViT with its input normalisation; ``name`` says where the weights came from."""
 
     def __init__(self, model: nn.Module, name: str, mean: Sequence[float], std: Sequence[float],
-                 image_size: int, patch_size: int) -> None:
+                 image_size: int, patch_size: int, label: str = "unknown") -> None:
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"{name}: normalisation needs 3 means and 3 positive stds, got {list(mean)} / {list(std)}")
         self.model = model.eval().requires_grad_(False)
@@ -54,6 +54,7 @@ class Encoder(ABC):
         self.std = tuple(float(s) for s in std)
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
+        self.label = label  # the stain label every tile is given, as the vocabulary describes it
 
     @property
     def device(self) -> torch.device:
@@ -105,15 +106,17 @@ class Encoder(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "embed_dim": self.embed_dim, "patch_size": self.patch_size,
-                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "stain_label": self.label}
 
 
 class StainEncoder(Encoder):
     """A :class:`StainViT` given the same stain and marker id for every tile."""
 
     def __init__(self, backbone: StainViT, name: str, mean: Sequence[float], std: Sequence[float], image_size: int,
-                 model_cfg: Mapping[str, Any], stain_id: int = 0, marker_id: int = 0) -> None:
-        super().__init__(backbone, name, mean, std, image_size, backbone.patch_embed.patch_size[0])
+                 model_cfg: Mapping[str, Any], stain_id: int = 0, marker_id: int = 0,
+                 label: str = "unknown") -> None:
+        super().__init__(backbone, name, mean, std, image_size, backbone.patch_embed.patch_size[0], label)
         self.model_cfg = model_cfg
         self.stain_id = int(stain_id)
         self.marker_id = int(marker_id)
@@ -130,15 +133,15 @@ class StainEncoder(Encoder):
         num_markers = table.num_markers if table is not None else 1
         twin = seeded(seed, lambda: build_backbone(self.model_cfg, num_stains, num_markers, mask_token=False))
         return StainEncoder(twin, f"random init ({self.model_cfg['arch']})", self.mean, self.std, self.image_size,
-                            self.model_cfg, self.stain_id, self.marker_id).to(self.device)
+                            self.model_cfg, self.stain_id, self.marker_id, self.label).to(self.device)
 
 
 class TimmEncoder(Encoder):
     """A plain timm ``VisionTransformer`` (an export): prefix tokens are CLS, the folded stain token, registers."""
 
     def __init__(self, model: nn.Module, name: str, mean: Sequence[float], std: Sequence[float], image_size: int,
-                 arch: str, model_args: Mapping[str, Any]) -> None:
-        super().__init__(model, name, mean, std, image_size, model.patch_embed.patch_size[0])
+                 arch: str, model_args: Mapping[str, Any], label: str = "unknown") -> None:
+        super().__init__(model, name, mean, std, image_size, model.patch_embed.patch_size[0], label)
         self.arch = arch
         self.model_args = dict(model_args)
 
@@ -149,4 +152,4 @@ class TimmEncoder(Encoder):
     def random_twin(self, seed: int) -> TimmEncoder:
         twin = seeded(seed, lambda: timm.create_model(self.arch, pretrained=False, **self.model_args))
         return TimmEncoder(twin, f"random init ({self.arch})", self.mean, self.std, self.image_size, self.arch,
-                           self.model_args).to(self.device)
+                           self.model_args, self.label).to(self.device)

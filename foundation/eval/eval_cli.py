@@ -101,6 +101,6 @@ def run(args: argparse.Namespace) -> int:
     task = {"tiles": str(args.tiles), "num_tiles": len(tiles), "classes": list(tiles.class_names),
             "tiles_per_class": dict(counts), "num_sources": len(set(groups)),
             "group_by": ev.splits.group_by, "image_size": s.image_size, "pooling": str(ev.embed.pooling),
-            "stain": str(ev.embed.stain), "marker": str(ev.embed.marker)}
+            "stain": s.encoder.label}
     publish_report(args.out, table, task, args.weights, sources, results, to_dict(ev))
     return 0

@@ -64,6 +64,6 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table({name: {params.split: r} for name, r in results.items()}, SEG_METRICS, row_key="split")
     task = {"images": str(args.images), "masks": str(args.masks), "names": [im.name for im in images],
             "classes": list(CLASSES), "boundary": params.boundary, "crop_size": params.crop_size,
-            "stain": str(ev.embed.stain), "marker": str(ev.embed.marker)}
+            "stain": s.encoder.label}
     publish_report(args.out, table, task, args.weights, sources, results, to_dict(ev))
     return 0

@@ -1,7 +1,8 @@
 """``WEIGHTS`` of the eval commands -> an :class:`~foundation.eval.encoder.Encoder`.
 
 * an export folder (``config.json`` of :mod:`foundation.export`): the timm model, its normalisation from
-  ``pretrained_cfg`` (the data config's otherwise), the stain label refolded with :func:`~foundation.export.set_stain`;
+  ``pretrained_cfg`` (the data config's otherwise), with the label it was exported with or, when one is asked
+  for, that label refolded with :func:`~foundation.export.set_stain`;
 * a training run, its ``checkpoints`` folder or a ``step_XXXXXXXX`` folder: the teacher backbone (the student
   with ``student=True``), built from the run's ``config.yaml`` (the command's config when the run has none);
   normalisation and input size from that config's ``data.crops``;
@@ -23,21 +24,18 @@ from foundation.eval.encoder import Encoder, StainEncoder, TimmEncoder, seeded
 from foundation.export import CONFIG_FILE, load_exported, set_stain, timm_load_args
 from foundation.models.backbone import build_backbone
 from foundation.objectives import build_objective
-from stain.vocabulary import UNKNOWN, StainVocabulary, normalise
+from stain.vocabulary import UNKNOWN, StainVocabulary
 
 log = logging.getLogger(__name__)
 
 RANDOM_PREFIX = "random:"
 
 
-def stain_ids(vocab: StainVocabulary, stain: str | None, marker: str | None) -> tuple[int, int]:
-    """Vocabulary ids of a stain / marker label (``None`` and ``unknown`` are id 0)."""
-    stain = stain or UNKNOWN
-    marker = marker or UNKNOWN
-    if normalise(marker) == UNKNOWN:
-        return vocab.stain_id(stain), 0
-    label = vocab.label(stain if normalise(stain) != UNKNOWN else "", marker)
-    return label.stain_id, label.marker_id
+def stain_args(vocab: StainVocabulary, stain: str | None, marker: str | None) -> dict[str, Any]:
+    """:class:`StainEncoder` keywords of a requested label (``None`` and ``unknown`` are id 0; a marker alone
+    means IHC)."""
+    label = vocab.requested_label(stain, marker)
+    return {"stain_id": label.stain_id, "marker_id": label.marker_id, "label": vocab.describe(label)}
 
 
 def _random(spec: str, cfg: DictConfig, stain: str | None, marker: str | None) -> Encoder:
@@ -50,7 +48,7 @@ def _random(spec: str, cfg: DictConfig, stain: str | None, marker: str | None) -
                                                                  mask_token=False))
     return StainEncoder(backbone, f"random init ({model_cfg['arch']}, {name or 'config model'})",
                         cfg.data.crops.mean, cfg.data.crops.std, int(cfg.data.crops.global_size), model_cfg,
-                        *stain_ids(vocab, stain, marker))
+                        **stain_args(vocab, stain, marker))
 
 
 def _checkpoint(path: Path, cfg: DictConfig, stain: str | None, marker: str | None, student: bool) -> Encoder:
@@ -70,7 +68,7 @@ def _checkpoint(path: Path, cfg: DictConfig, stain: str | None, marker: str | No
     vocab = StainVocabulary.from_config(to_dict(run_cfg.get("stain") or {}))
     crops = run_cfg.data.crops
     return StainEncoder(backbone, origin, crops.mean, crops.std, int(crops.global_size), to_dict(run_cfg.model),
-                        *stain_ids(vocab, stain, marker))
+                        **stain_args(vocab, stain, marker))
 
 
 def _export_vocab_id(entries: list[dict[str, Any]], name: str, what: str, path: Path) -> int:
@@ -89,17 +87,22 @@ def _export(path: Path, cfg: DictConfig, stain: str | None, marker: str | None) 
         log.warning("%s: the export names no normalisation; using data.crops mean/std of the config", path)
         mean, std = list(cfg.data.crops.mean), list(cfg.data.crops.std)
     vocab = StainVocabulary.from_config(to_dict(cfg.stain))
-    stain_id, marker_id = stain_ids(vocab, stain, marker)
-    if info["mode"] != "none":
+    requested = vocab.requested_label(stain, marker)
+    if info["mode"] == "none":
+        label = "none (no stain token)"
+        if requested.stain_id or requested.marker_id:
+            log.info("%s has stain mode 'none': the stain label is ignored", path)
+    elif stain is None and marker is None:
+        label = str(info.get("folded_label", UNKNOWN))  # the label `foundation export --stain` folded in
+    else:
         exported = info["vocabulary"]
-        stain_id = _export_vocab_id(exported["stains"], vocab.stain_name(stain_id), "stain", path)
-        marker_id = _export_vocab_id(exported["markers"], vocab.marker_name(marker_id), "marker", path)
+        stain_id = _export_vocab_id(exported["stains"], vocab.stain_name(requested.stain_id), "stain", path)
+        marker_id = _export_vocab_id(exported["markers"], vocab.marker_name(requested.marker_id), "marker", path)
         set_stain(model, info, stain_id, marker_id)
-    elif stain_id or marker_id:
-        log.info("%s has stain mode 'none': the stain label is ignored", path)
+        label = vocab.describe(requested)
     arch, kwargs = timm_load_args(path)
     kwargs.pop("pretrained_cfg_overlay")
-    return TimmEncoder(model, f"export {path}", mean, std, int(pretrained["input_size"][-1]), arch, kwargs)
+    return TimmEncoder(model, f"export {path}", mean, std, int(pretrained["input_size"][-1]), arch, kwargs, label)
 
 
 def load_encoder(spec: str, cfg: DictConfig, stain: str | None = None, marker: str | None = None,
