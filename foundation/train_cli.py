@@ -44,6 +44,23 @@ def _quiet_other_ranks(rank: int, verbose: bool) -> None:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+def check_index(index_dir: Path) -> None:
+    """Stop before any work when ``index_dir`` is not a readable tile index with tiles to sample."""
+    from foundation.slides.index import TileIndex
+
+    if not (index_dir / "slides").is_dir():
+        raise ConfigError(f"train.index={index_dir}: not a tile index folder (run `foundation index` first)")
+    try:
+        index = TileIndex.load(index_dir)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"train.index={index_dir}: not a readable tile index ({err}); run `foundation index` "
+                          "again") from err
+    if len(index) == 0:
+        raise ConfigError(f"train.index={index_dir}: the index holds no tiles ({len(index.slides)} slides; see "
+                          f"{index_dir / 'summary.json'}: a slide coarser than every target µm/px, or with too "
+                          "little tissue, gives none)")
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.index is not None:
@@ -58,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
         if not cfg.train.index:
             raise ConfigError("no tile index: pass --index DIR or set train.index (build one with `foundation index`)")
         index_dir = Path(str(cfg.train.index))
-        if not (index_dir / "slides").is_dir():
-            raise ConfigError(f"train.index={index_dir}: not a tile index folder (run `foundation index` first)")
+        check_index(index_dir)
         from foundation.train.trainer import CHECKPOINT_DIR, find_resume, run_dir
 
         find_resume(cfg, run_dir(cfg) / CHECKPOINT_DIR)  # a bad or incomplete train.resume stops here

@@ -75,7 +75,8 @@ def first_run(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
-def test_broken_and_unsized_slides_are_reported_and_the_run_goes_on(first_run: Path, wsi: dict[str, Path]) -> None:
+def test_broken_and_unsized_slides_are_reported_and_the_run_goes_on(first_run: Path, wsi: dict[str, Path],
+                                                                   corpus: dict[str, Path]) -> None:
     errors = _errors(first_run)
     assert set(errors) == {str(wsi["svs_j2k"]), "truncated.svs", "random.svs", "empty.svs", "missing.svs"}
     assert "no pixel size" in errors[str(wsi["svs_j2k"])]
@@ -85,6 +86,11 @@ def test_broken_and_unsized_slides_are_reported_and_the_run_goes_on(first_run: P
     summary = json.loads((first_run / "summary.json").read_text())
     assert (summary["slides_total"], summary["slides_ok"], summary["slides_failed"]) == (9, 4, 5)
     assert summary["backends"] == {"cucim": 2, "openslide": 1, "tifffile": 1}
+    # every slide misses one of the two targets, each for its own reason (and says so, instead of 0 tiles silently)
+    missing = summary["slides_without_tiles"]
+    assert missing[str(wsi["dicom"])] == "at [0.5] µm/px: its level 0 is 28.97 µm/px, coarser than the target"
+    assert missing[str(wsi["ome_tiff"])] == "at [32.0] µm/px: it is smaller than one 224 px tile"
+    assert set(missing) == {str(wsi[name]) for name in ("dicom", "ome_tiff", "ihc_tiff")} | {str(corpus["svs"])}
 
 
 def test_index_columns_records_and_pixel_sizes(first_run: Path, corpus: dict[str, Path], wsi: dict[str, Path]) -> None:

@@ -23,14 +23,27 @@ PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs
     (["deepspeed=zero9"], "unknown deepspeed config 'zero9'"),
     ([], "no tile index: pass --index DIR"),
     (["--index", "{tmp}/nowhere"], "not a tile index folder"),
+    (["--index", "{tmp}/archive"], "not a readable tile index"),  # a slide folder, not an index
 ])
 def test_bad_input_stops_before_any_work(tmp_path, caplog, args, message):
     out = tmp_path / "run"
+    (tmp_path / "archive" / "slides").mkdir(parents=True)
+    (tmp_path / "archive" / "slides" / "a.svs").write_bytes(b"II*\x00")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     with caplog.at_level(logging.ERROR):
         code = main(["train", "--config", "cpu_smoke", f"meta.output_dir={out}", *args])
     assert code == 2
     assert message in caplog.text
+    assert not out.exists()
+
+
+def test_an_index_without_tiles_stops_before_any_work(tmp_path, caplog, wsi):
+    (tmp_path / "m.csv").write_text(f"path,stain\n{wsi['dicom']},H&E\n")  # 29 µm/px: no tile at 0.5 µm/px
+    assert main(["index", str(tmp_path / "m.csv"), "--out", str(tmp_path / "index"), "--workers", "1"]) == 0
+    out = tmp_path / "run"
+    with caplog.at_level(logging.ERROR):
+        code = main(["train", "--config", "cpu_smoke", "--index", str(tmp_path / "index"), f"meta.output_dir={out}"])
+    assert code == 2 and "the index holds no tiles (1 slides" in caplog.text
     assert not out.exists()
 
 

@@ -211,8 +211,27 @@ def build_index(rows: list[ManifestRow], out: str | os.PathLike, tissue: TissueP
 
     summary = _summary(manifest, rows, ok, failed, cached, len(jobs), tiles_read, time.perf_counter() - start,
                        read_seconds, params)
+    for slide, reason in summary["slides_without_tiles"].items():
+        log.warning("%s gives no tiles %s", slide, reason)
     _write_json(out / "summary.json", summary, indent=1)
     return summary
+
+
+def _missing_tiles(meta: Mapping[str, Any], params: IndexParams) -> str:
+    """Why a slide gave no tiles at some target µm/px ("" when it gave tiles at every target)."""
+    width, height = meta["level_dimensions"][0]
+    reasons: dict[str, list[float]] = {}
+    for target in params.mpp:
+        if meta["tiles_per_mpp"].get(mpp_key(target), 0):
+            continue
+        if meta["mpp"] > target * (1 + params.mpp_tolerance):
+            why = f"its level 0 is {meta['mpp']:.4g} µm/px, coarser than the target"
+        elif min(width, height) * meta["mpp"] < params.tile_size * target:
+            why = f"it is smaller than one {params.tile_size} px tile"
+        else:
+            why = f"no tile reaches index.min_tissue={params.min_tissue}"
+        reasons.setdefault(why, []).append(target)
+    return "; ".join(f"at {targets} µm/px: {why}" for why, targets in reasons.items())
 
 
 def _summary(manifest: str, rows: list[ManifestRow], ok: list[tuple[ManifestRow, str, dict[str, Any]]],
@@ -235,6 +254,7 @@ def _summary(manifest: str, rows: list[ManifestRow], ok: list[tuple[ManifestRow,
         "tiles_total": sum(meta["tiles"] for _, _, meta in ok),
         "tiles_per_stain": dict(sorted(per_stain.items())),
         "tiles_per_mpp": dict(per_mpp),
+        "slides_without_tiles": {row.path_text: why for row, _, meta in ok if (why := _missing_tiles(meta, params))},
         "backends": dict(sorted(backends.items())),
         "seconds": round(seconds, 3),
         "slides_per_s": round(read / seconds, 3) if seconds > 0 else 0.0,
