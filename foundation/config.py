@@ -17,6 +17,7 @@ key or a value of the wrong type raises :class:`ConfigError` naming the key. A d
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,16 @@ def _type_name(value: Any) -> str:
 AUTO = "auto"  # a key whose default is "auto" also takes a bool or a count (its validation checks the domain)
 
 
-def _compatible(default: Any, value: Any) -> bool:
+# Keys below these prefixes take a number where their default is a mapping: a schedule is {start, peak, end,
+# warmup_iters} or a constant (foundation/train/schedules.py).
+NUMBER_FOR_MAPPING = ("train.schedules.",)
+
+
+def _compatible(default: Any, value: Any, dotted: str = "") -> bool:
     if default is None or value is None:
+        return True
+    if (isinstance(default, (Mapping, DictConfig)) and dotted.startswith(NUMBER_FOR_MAPPING)
+            and isinstance(value, (int, float)) and not isinstance(value, bool)):
         return True
     if default == AUTO and isinstance(value, (bool, int)):
         return True
@@ -112,13 +121,17 @@ def validate(base: Any, override: Any, source: str, prefix: str = "") -> None:
             near = sorted(base.keys()) if isinstance(base, Mapping) else []
             raise ConfigError(f"{source}: unknown config key {dotted!r} (keys here: {near})")
         default = base[key]
-        if not _compatible(default, value):
+        if not _compatible(default, value, dotted):
+            alternative = " or a number" if dotted.startswith(NUMBER_FOR_MAPPING) else ""
             raise ConfigError(
-                f"{source}: {dotted!r} must be {_type_name(default)} like the default {default!r}, "
+                f"{source}: {dotted!r} must be {_type_name(default)} like the default {default!r}{alternative}, "
                 f"got {_type_name(value)} {value!r}"
             )
         if isinstance(default, Mapping) and isinstance(value, Mapping) and default:
             validate(default, value, source, f"{dotted}.")
+
+
+_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _parse_dotlist(items: Sequence[str]) -> list[tuple[str, Any]]:
@@ -134,6 +147,8 @@ def _parse_dotlist(items: Sequence[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: cannot parse value: {err}") from err
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         parsed.append((key, value))
     return parsed
 

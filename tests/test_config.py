@@ -21,6 +21,19 @@ def test_dotlist_overrides_and_types():
     assert cfg.tissue.min_saturation == 1  # int accepted where a float is expected
 
 
+def test_exponent_floats_and_constant_schedules():
+    cfg = load_config(overrides=["train.schedules.weight_decay=0.05", "train.schedules.lr=1e-3", "train.grad_clip=2E0"])
+    assert cfg.train.schedules.weight_decay == 0.05  # a number is a constant schedule (default.yaml)
+    assert cfg.train.schedules.lr == pytest.approx(1e-3) and cfg.train.grad_clip == 2.0  # not the strings
+    from foundation.train.schedules import Schedules
+
+    assert Schedules(cfg.train, 10, global_batch=64).values(7)["weight_decay"] == 0.05
+    with pytest.raises(ConfigError, match="'train.schedules.lr' must be mapping like the default .* or a number"):
+        load_config(overrides=["train.schedules.lr=fast"])
+    with pytest.raises(ConfigError, match="'index.tile_size' must be int"):
+        load_config(overrides=["index.tile_size={a: 1}"])
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match="index.tile_sise"):
         load_config(overrides=["index.tile_sise=256"])
