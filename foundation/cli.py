@@ -19,12 +19,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("foundation.slides.index_cli", "detect tissue and build the tile index of a manifest"),
     "checkpoint": ("foundation.checkpoint_cli", "`checkpoint universal CKPT`: a checkpoint to resume on M ranks"),
     "export": ("foundation.export_cli", "write a checkpoint's teacher (or student) backbone as timm weights"),
-    "quickstart": ("foundation.quickstart", "the main job: demo data, index (and pretraining) in one go"),
+    "quickstart": ("foundation.quickstart", "the main job: demo data, index, pretraining and export in one go"),
     "train": ("foundation.train_cli", "pretrain (MAE / iBOT / ...) with DeepSpeed on an indexed slide set"),
     "embed": ("foundation.eval.embed_cli", "features of a tile folder or of sampled tiles of indexed slides"),
     "eval": ("foundation.eval.eval_cli", "kNN and linear probes on class-per-folder tiles, with baselines"),
     "eval-seg": ("foundation.eval.seg_cli", "Ki67 segmentation demonstrator: linear decoder on frozen patch tokens"),
-    "bench": ("foundation.bench", "throughput benchmarks: `bench data` (data pipeline vs a plain DataLoader)"),
+    "bench": ("foundation.bench", "throughput: `bench data` (pipeline vs a DataLoader), `bench step` (our step vs "
+                                  "plain PyTorch), `bench e2e` (the whole loop)"),
 }
 
 _left_process_group = False  # set when a command run by main() joined a process group and left it

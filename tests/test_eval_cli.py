@@ -105,6 +105,7 @@ def test_embed_sampled_tiles_of_an_indexed_slide_set(export_dir, wsi, tmp_path):
         resized = Image.fromarray(region).resize((48, 48), Image.Resampling.BICUBIC)
         images.append(torch.from_numpy(np.array(resized)).permute(2, 0, 1))
         assert emb.paths[i].startswith(f"{slide_id}@")
+        assert emb.arrays["group"][i] == {"cmu1": "p1", "roi1": "p2"}[slide_id]  # the manifest's group column
     np.testing.assert_array_equal(emb.features, encoder.features(torch.stack(images), "cls").numpy())
     # a second run draws the same tiles and gives the same features
     assert main(["embed", str(export_dir), str(tmp_path / "index"), "--out", str(tmp_path / "again.npz"),

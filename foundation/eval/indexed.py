@@ -42,6 +42,7 @@ class IndexedTiles(torch.utils.data.Dataset):
         self.slide_paths = {s: r.path for s, r in records.items()}
         self.slide_mpp = {s: r.mpp for s, r in records.items()}
         self.slide_ids = {s: r.slide_id for s, r in records.items()}
+        self.groups = {s: r.group for s, r in records.items()}
         self.stain_labels = {s: (r.stain_id, r.marker_id) for s, r in records.items()}
         self.size = size
         self.reader = reader
@@ -70,11 +71,13 @@ class IndexedTiles(torch.utils.data.Dataset):
                                                                                   c["level"], strict=True)]
 
     def arrays(self) -> dict[str, Any]:
-        """Per-tile columns for the output file: index row, slide id, level-0 x/y, level, target µm/px, stain ids."""
+        """Per-tile columns for the output file: index row, slide id, manifest group, level-0 x/y, level, target
+        µm/px, stain ids."""
         c = self.columns
         return {
             "index_row": self.rows.astype(np.int64),
             "slide_id": np.array([self.slide_ids[int(s)] for s in c["slide"]]),
+            "group": np.array([self.groups[int(s)] for s in c["slide"]]),
             "x": c["x"].astype(np.int64), "y": c["y"].astype(np.int64), "level": c["level"].astype(np.int64),
             "mpp": c["mpp"].astype(np.float32),
             "stain_id": np.array([self.stain_labels[int(s)][0] for s in c["slide"]], dtype=np.int64),
