@@ -120,6 +120,10 @@ def test_embed_sampled_tiles_of_an_indexed_slide_set(export_dir, wsi, tmp_path):
     (["embed", "random:", "{tiles}", "--out", "{tmp}/f.npz", "--image-size", "40"], "not a multiple of the patch"),
     (["eval", "random:", "--tiles", "{tiles}", "--out", "{tmp}/r.json", "--group-by", "(x)"], "does not match"),
     (["eval", "random:", "--tiles", "{tiles}", "--out", "{tmp}/r.json", "--protocol", "svm"], "protocols"),
+    # checked before the weights are even looked at
+    (["eval", "{tmp}/no_weights", "--tiles", "{tiles}", "--out", "{tmp}/r.json", "--protocol", "svm"], "protocols"),
+    (["eval", "random:", "--tiles", "{tiles}", "--out", "{tmp}/r.json", "eval.splits.folds=4", "eval.splits.seeds=1"],
+     "every class has fewer tiles than eval.splits.folds=4"),
     (["eval", "random:nope", "--tiles", "{tiles}", "--out", "{tmp}/r.json"], "unknown model config 'nope'"),
 ])
 def test_bad_input_exits_2_naming_the_value(args, message, data_dir, tmp_path, caplog):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +66,15 @@ class Setup:
     image_size: int
 
 
-def setup(args: argparse.Namespace, extra: list[str] = ()) -> Setup:
-    """Config (preset, positional overrides, ``extra``, then the flags), device and encoder on it."""
+def setup(args: argparse.Namespace, extra: list[str] = (),
+          check: Callable[[DictConfig], None] | None = None) -> Setup:
+    """Config (preset, positional overrides, ``extra``, then the flags), device and encoder on it.
+
+    ``check(cfg)`` runs before the encoder is loaded (seconds for a large one), so bad settings stop at once.
+    """
     cfg = load_config(args.preset, [*args.overrides, *extra, *flag_overrides(args)])
+    if check is not None:
+        check(cfg)
     device = resolve_device(str(cfg.eval.device))
     encoder = load_encoder(args.weights, cfg, cfg.eval.embed.stain, cfg.eval.embed.marker, args.student)
     size = cfg.eval.embed.image_size

@@ -13,6 +13,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from foundation.config import ConfigError, to_dict
 from foundation.eval.baselines import BASELINES, ColorHistogram
 from foundation.eval.classification import ProbeSettings, check_protocols, evaluate_features
@@ -77,9 +79,15 @@ def feature_sources(s: Setup, weights: str) -> dict[str, FeatureSource]:
     return sources
 
 
+def check_probe_settings(cfg: DictConfig) -> None:
+    """Protocols and probe settings, checked before the encoder is loaded."""
+    check_protocols(list(cfg.eval.protocols))
+    ProbeSettings.from_config(to_dict(cfg.eval))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        s = setup(args, extra_overrides(args))
+        s = setup(args, extra_overrides(args), check=check_probe_settings)
         ev = s.cfg.eval
         protocols = check_protocols(list(ev.protocols))
         settings = ProbeSettings.from_config(to_dict(ev))

@@ -52,9 +52,10 @@ def fit_probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, params: LinearPa
     impossible and the grid's middle value is used.
     """
     with warnings.catch_warnings():
-        # Small probe sets: lbfgs may stop at max_iter, inner folds may miss a class; both are expected here.
+        # Small probe sets: lbfgs may stop at max_iter, inner folds may miss a class; all expected here.
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.filterwarnings("ignore", message=".*least populated class.*")
+        warnings.filterwarnings("ignore", message=".*y_pred contains classes not in y_true.*")  # balanced accuracy
         if params.C is not None:
             return _pipeline(params.C, params, seed).fit(x, y)
         folds = min(params.cv_folds, len(np.unique(groups)))

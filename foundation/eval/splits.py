@@ -21,6 +21,11 @@ def grouped_folds(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int)
     if n_groups < folds:
         raise ValueError(f"{n_groups} sources (groups) cannot fill {folds} grouped folds: lower eval.splits.folds "
                          "or check the group-by regex")
+    classes, tiles_per_class = np.unique(labels, return_counts=True)
+    if tiles_per_class.max() < folds:
+        raise ValueError(f"every class has fewer tiles than eval.splits.folds={folds} (tiles per class id: "
+                         f"{dict(zip(classes.tolist(), tiles_per_class.tolist(), strict=True))}): add tiles or "
+                         "lower eval.splits.folds")
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     out = [(train, test) for train, test in splitter.split(np.zeros(len(labels)), labels, groups)]
     check_disjoint_groups(out, groups)
