@@ -14,6 +14,7 @@ from PIL import Image
 from foundation.cli import main
 from foundation.config import to_dict
 from foundation.eval.embed import extract, load_embeddings, loader
+from foundation.eval.embed_cli import INDEX_LABELS
 from foundation.eval.tiles import TileDataset, scan_tiles
 from foundation.eval.weights import load_encoder
 from foundation.export import export_backbone
@@ -93,10 +94,12 @@ def test_embed_sampled_tiles_of_an_indexed_slide_set(export_dir, wsi, tmp_path):
     assert emb.metadata["image_size"] == 48
     index_rows = emb.arrays["index_row"]
     assert len(set(index_rows.tolist())) == 6 and (np.diff(index_rows) > 0).all()
-    # the same tiles read independently, straight from the slides
+    assert emb.metadata["stain"] == INDEX_LABELS
+    # the same tiles read independently, straight from the slides, each with its slide's label
     paths = {"cmu1": wsi["svs_jpeg"], "roi1": wsi["ihc_tiff"]}
-    encoder = load_encoder(str(export_dir), tiny_cfg())
-    images = []
+    labelled = {"cmu1": load_encoder(str(export_dir), tiny_cfg(), stain="H&E"),
+                "roi1": load_encoder(str(export_dir), tiny_cfg(), stain="IHC", marker="Ki67")}
+    images, want = [], []
     for i in range(6):
         slide_id = str(emb.arrays["slide_id"][i])
         with open_slide(paths[slide_id], mpp=0.5 if slide_id == "roi1" else None) as slide:
@@ -104,9 +107,17 @@ def test_embed_sampled_tiles_of_an_indexed_slide_set(export_dir, wsi, tmp_path):
             region = slide.read_region((int(emb.arrays["x"][i]), int(emb.arrays["y"][i])), 0, (side, side))
         resized = Image.fromarray(region).resize((48, 48), Image.Resampling.BICUBIC)
         images.append(torch.from_numpy(np.array(resized)).permute(2, 0, 1))
+        want.append(labelled[slide_id].features(images[-1][None], "cls")[0].numpy())
         assert emb.paths[i].startswith(f"{slide_id}@")
         assert emb.arrays["group"][i] == {"cmu1": "p1", "roi1": "p2"}[slide_id]  # the manifest's group column
-    np.testing.assert_array_equal(emb.features, encoder.features(torch.stack(images), "cls").numpy())
+    assert set(emb.arrays["slide_id"].tolist()) == {"cmu1", "roi1"}  # both labels occur in the drawn tiles
+    np.testing.assert_allclose(emb.features, np.stack(want), rtol=0, atol=1e-5)  # batch of 1 vs mixed batch
+    # one label for all tiles when asked for: the export's own (unknown) here
+    assert main(["embed", str(export_dir), str(tmp_path / "index"), "--out", str(tmp_path / "one.npz"),
+                 "--slide-tiles", "6", "--image-size", "48", "--stain", "unknown", *TINY]) == 0
+    encoder = load_encoder(str(export_dir), tiny_cfg())
+    np.testing.assert_array_equal(load_embeddings(tmp_path / "one.npz").features,
+                                  encoder.features(torch.stack(images), "cls").numpy())
     # a second run draws the same tiles and gives the same features
     assert main(["embed", str(export_dir), str(tmp_path / "index"), "--out", str(tmp_path / "again.npz"),
                  "--slide-tiles", "6", "--image-size", "48", *TINY]) == 0

@@ -47,8 +47,8 @@ class ColorHistogram:
         self.bins = int(bins)
         self.patch_size = int(patch_size)
 
-    def features(self, images: torch.Tensor, pooling: str) -> torch.Tensor:
-        """Per-tile histogram (``pooling`` does not apply: there are no tokens to pool)."""
+    def features(self, images: torch.Tensor, pooling: str, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-tile histogram (``pooling`` and stain ``labels`` do not apply: there are no tokens)."""
         return color_histogram(images, self.bins)
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:

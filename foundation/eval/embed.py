@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +28,7 @@ class FeatureSource(Protocol):
 
     name: str
 
-    def features(self, images: torch.Tensor, pooling: str) -> torch.Tensor: ...
+    def features(self, images: torch.Tensor, pooling: str, labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,15 +59,20 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 
 
 @torch.no_grad()
-def extract(sources: Mapping[str, FeatureSource], batches: Iterable[torch.Tensor], pooling: str,
-            device: torch.device, bf16: bool = False) -> dict[str, np.ndarray]:
-    """``{name: features [N, D] float32}`` for every source, each batch decoded once and shared."""
+def extract(sources: Mapping[str, FeatureSource], batches: Iterable[torch.Tensor | Sequence[torch.Tensor]],
+            pooling: str, device: torch.device, bf16: bool = False) -> dict[str, np.ndarray]:
+    """``{name: features [N, D] float32}`` for every source, each batch decoded once and shared.
+
+    A batch is uint8 images, or ``(images, labels)`` with a stain label per tile (``[B, 2]``, see
+    :meth:`foundation.eval.encoder.Encoder.tokens`).
+    """
     out: dict[str, list[np.ndarray]] = {name: [] for name in sources}
-    for images in batches:
+    for batch in batches:
+        images, labels = (batch, None) if isinstance(batch, torch.Tensor) else batch
         images = images.to(device, non_blocking=True)
         with autocast(device, bf16):
             for name, source in sources.items():
-                out[name].append(source.features(images, pooling).float().cpu().numpy())
+                out[name].append(source.features(images, pooling, labels).float().cpu().numpy())
     return {name: np.concatenate(parts) if parts else np.zeros((0, 0), np.float32) for name, parts in out.items()}
 
 

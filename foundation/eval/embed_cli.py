@@ -1,7 +1,8 @@
 """``foundation embed WEIGHTS INPUT --out FILE``: features of a tile folder or of sampled tiles of indexed slides.
 
 INPUT is a tile folder (recursive; class-per-folder gives labels) or a ``foundation index`` folder, from which
-``eval.embed.slide_tiles`` tiles are drawn (seed ``eval.seed``). FILE ends in ``.npz`` or ``.safetensors``
+``eval.embed.slide_tiles`` tiles are drawn (seed ``eval.seed``), each given its slide's stain label from the index
+unless ``--stain``/``--marker`` name one for all. FILE ends in ``.npz`` or ``.safetensors``
 (layout: :mod:`foundation.eval.embed`). Exit code 2 on bad input (message names the path, key or value).
 """
 
@@ -38,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_overrides_argument(parser)
 
 
+INDEX_LABELS = "per tile: its slide's stain and marker in the index"
+
+
 def is_index(path: Path) -> bool:
     return (path / "slides").is_dir() and (path / "tiles").is_dir()
 
@@ -49,9 +53,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out}: the feature file must end in .npz or .safetensors")
         s = setup(args, extra)
         emb_cfg = s.cfg.eval.embed
+        stain = s.encoder.label
         if is_index(args.input):
+            # each tile gets its slide's label from the index, unless --stain/--marker name one for all
+            per_tile = emb_cfg.stain is None and emb_cfg.marker is None and s.encoder.takes_labels
+            stain = INDEX_LABELS if per_tile else stain
             dataset = IndexedTiles(args.input, int(emb_cfg.slide_tiles), int(s.cfg.eval.seed), s.image_size,
-                                   str(s.cfg.slides.reader))
+                                   str(s.cfg.slides.reader), labels=per_tile)
             names, labels, class_names, arrays = dataset.names(), None, [], dataset.arrays()
             kind = "slides"
         else:
@@ -67,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     metadata = {
         "weights": args.weights, "encoder": s.encoder.describe(), "input": str(args.input), "input_kind": kind,
-        "image_size": s.image_size, "pooling": str(emb_cfg.pooling), "stain": s.encoder.label,
+        "image_size": s.image_size, "pooling": str(emb_cfg.pooling), "stain": stain,
         "student": bool(args.student), "eval_config": to_dict(s.cfg.eval),
     }
     emb = Embeddings(features["encoder"].astype(np.float32), names, labels, class_names, arrays, metadata)

@@ -81,24 +81,38 @@ class Encoder(ABC):
                              f"{self.patch_size} (set eval.embed.image_size)")
 
     @torch.no_grad()
-    def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 ``[B, 3, H, W]`` -> CLS ``[B, D]`` and patch tokens ``[B, H/p, W/p, D]`` (after the final norm)."""
+    def tokens(self, images: torch.Tensor,
+               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``[B, 3, H, W]`` -> CLS ``[B, D]`` and patch tokens ``[B, H/p, W/p, D]`` (after the final norm).
+
+        ``labels`` ``[B, 2]`` (stain id, marker id per tile, vocabulary ids) replace the encoder's one label.
+        """
         self.check_size(images.shape[-2], images.shape[-1])
-        cls, patch = self._forward(self.normalise(images))
+        x = self.normalise(images)
+        cls, patch = self._forward(x) if labels is None else self._forward_labelled(x, labels.to(x.device))
         B, h, w = images.shape[0], images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         return cls.float(), patch.float().reshape(B, h, w, -1)
 
-    def features(self, images: torch.Tensor, pooling: str) -> torch.Tensor:
-        """Pooled features ``[B, D]`` (``both``: ``[B, 2D]``) of uint8 tiles."""
-        return pool(*self.tokens(images), pooling)
+    def features(self, images: torch.Tensor, pooling: str, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features ``[B, D]`` (``both``: ``[B, 2D]``) of uint8 tiles (``labels``: see :meth:`tokens`)."""
+        return pool(*self.tokens(images, labels), pooling)
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens ``[B, H/p, W/p, D]`` of uint8 tiles."""
         return self.tokens(images)[1]
 
+    @property
+    @abstractmethod
+    def takes_labels(self) -> bool:
+        """Whether the model has a stain token, so that tiles can be given their own labels."""
+
     @abstractmethod
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images -> CLS ``[B, D]`` and patch tokens ``[B, N, D]``."""
+
+    @abstractmethod
+    def _forward_labelled(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_forward` with a stain label per image (``labels`` ``[B, 2]``)."""
 
     @abstractmethod
     def random_twin(self, seed: int) -> Encoder:
@@ -122,9 +136,16 @@ class StainEncoder(Encoder):
         self.marker_id = int(marker_id)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.full((x.shape[0],), self.stain_id, dtype=torch.long, device=x.device)
-        markers = torch.full_like(ids, self.marker_id)
-        out = self.model.forward_features(x, ids, markers)
+        ids = torch.full((x.shape[0], 2), 0, dtype=torch.long, device=x.device)
+        ids[:, 0], ids[:, 1] = self.stain_id, self.marker_id
+        return self._forward_labelled(x, ids)
+
+    @property
+    def takes_labels(self) -> bool:
+        return self.model.stain_token is not None
+
+    def _forward_labelled(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.forward_features(x, labels[:, 0], labels[:, 1])
         return out["cls"], out["patch"]
 
     def random_twin(self, seed: int) -> StainEncoder:
@@ -137,17 +158,48 @@ class StainEncoder(Encoder):
 
 
 class TimmEncoder(Encoder):
-    """A plain timm ``VisionTransformer`` (an export): prefix tokens are CLS, the folded stain token, registers."""
+    """A plain timm ``VisionTransformer`` (an export): prefix tokens are CLS, the folded stain token, registers.
+
+    ``refold(stain_id, marker_id)`` (vocabulary ids) folds another label in place; with it, images with their
+    own labels run label by label, and the model's own label is put back after each batch.
+    """
 
     def __init__(self, model: nn.Module, name: str, mean: Sequence[float], std: Sequence[float], image_size: int,
-                 arch: str, model_args: Mapping[str, Any], label: str = "unknown") -> None:
+                 arch: str, model_args: Mapping[str, Any], label: str = "unknown",
+                 refold: Callable[[int, int], None] | None = None) -> None:
         super().__init__(model, name, mean, std, image_size, model.patch_embed.patch_size[0], label)
         self.arch = arch
         self.model_args = dict(model_args)
+        self.refold = refold
+
+    @property
+    def takes_labels(self) -> bool:
+        return self.refold is not None
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.model.forward_features(x)
         return tokens[:, 0], tokens[:, self.model.num_prefix_tokens:]
+
+    def _forward_labelled(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.refold is None:
+            raise ValueError(f"{self.name}: this model has no stain token to give each tile its own label")
+        tokens = [t for t in (self.model.cls_token, getattr(self.model, "reg_token", None)) if t is not None]
+        own = [t.detach().clone() for t in tokens]  # what refold changes: the model's own label
+        cls = patch = None
+        try:
+            for label in torch.unique(labels, dim=0):
+                rows = (labels == label).all(dim=1)
+                self.refold(int(label[0]), int(label[1]))
+                part_cls, part_patch = self._forward(x[rows])
+                if cls is None:
+                    cls = part_cls.new_empty((len(x), *part_cls.shape[1:]))
+                    patch = part_patch.new_empty((len(x), *part_patch.shape[1:]))
+                cls[rows], patch[rows] = part_cls, part_patch
+        finally:
+            with torch.no_grad():
+                for token, value in zip(tokens, own, strict=True):
+                    token.copy_(value)
+        return cls, patch
 
     def random_twin(self, seed: int) -> TimmEncoder:
         twin = seeded(seed, lambda: timm.create_model(self.arch, pretrained=False, **self.model_args))

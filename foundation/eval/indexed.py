@@ -32,7 +32,8 @@ def sample_rows(total: int, count: int, seed: int) -> np.ndarray:
 class IndexedTiles(torch.utils.data.Dataset):
     """The sampled tiles as ``[3, size, size]`` uint8 tensors; slides are opened once per worker process."""
 
-    def __init__(self, index_dir: str | Path, count: int, seed: int, size: int, reader: str) -> None:
+    def __init__(self, index_dir: str | Path, count: int, seed: int, size: int, reader: str,
+                 labels: bool = False) -> None:
         index = TileIndex.load(index_dir)
         self.rows = sample_rows(len(index), count, seed)
         self.columns = {name: np.asarray(index.tiles[name][self.rows]) for name in ("slide", "level", "x", "y",
@@ -46,6 +47,7 @@ class IndexedTiles(torch.utils.data.Dataset):
         self.stain_labels = {s: (r.stain_id, r.marker_id) for s, r in records.items()}
         self.size = size
         self.reader = reader
+        self.labels = labels  # also yield each tile's (stain id, marker id) from the index
         self._open: dict[int, SlideReader] = {}
 
     def __len__(self) -> int:
@@ -56,13 +58,14 @@ class IndexedTiles(torch.utils.data.Dataset):
             self._open[slide] = open_slide(self.slide_paths[slide], self.reader, mpp=self.slide_mpp[slide])
         return self._open[slide]
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         c = {name: column[i].item() for name, column in self.columns.items()}
         region = self._slide(c["slide"]).read_region((c["x"], c["y"]), c["level"], (c["size"], c["size"]))
         image = Image.fromarray(region)
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        tile = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return (tile, torch.tensor(self.stain_labels[c["slide"]])) if self.labels else tile
 
     def names(self) -> list[str]:
         """``<slide_id>@x,y,level`` per tile, in order."""

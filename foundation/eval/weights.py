@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from foundation.config import ConfigError, load_config, to_dict
@@ -95,14 +97,25 @@ def _export(path: Path, cfg: DictConfig, stain: str | None, marker: str | None) 
     elif stain is None and marker is None:
         label = str(info.get("folded_label", UNKNOWN))  # the label `foundation export --stain` folded in
     else:
-        exported = info["vocabulary"]
-        stain_id = _export_vocab_id(exported["stains"], vocab.stain_name(requested.stain_id), "stain", path)
-        marker_id = _export_vocab_id(exported["markers"], vocab.marker_name(requested.marker_id), "marker", path)
-        set_stain(model, info, stain_id, marker_id)
+        _refolder(model, info, vocab, path)(requested.stain_id, requested.marker_id)
         label = vocab.describe(requested)
+    refold = _refolder(model, info, vocab, path) if info["mode"] != "none" else None
     arch, kwargs = timm_load_args(path)
     kwargs.pop("pretrained_cfg_overlay")
-    return TimmEncoder(model, f"export {path}", mean, std, int(pretrained["input_size"][-1]), arch, kwargs, label)
+    return TimmEncoder(model, f"export {path}", mean, std, int(pretrained["input_size"][-1]), arch, kwargs, label,
+                       refold)
+
+
+def _refolder(model: torch.nn.Module, info: dict[str, Any], vocab: StainVocabulary,
+              path: Path) -> Callable[[int, int], None]:
+    """Fold a label given in ``vocab`` ids into an export, through the export's own vocabulary (by name)."""
+    exported = info["vocabulary"]
+
+    def refold(stain_id: int, marker_id: int) -> None:
+        set_stain(model, info, _export_vocab_id(exported["stains"], vocab.stain_name(stain_id), "stain", path),
+                  _export_vocab_id(exported["markers"], vocab.marker_name(marker_id), "marker", path))
+
+    return refold
 
 
 def load_encoder(spec: str, cfg: DictConfig, stain: str | None = None, marker: str | None = None,
