@@ -22,10 +22,10 @@ def build_demo_index(base: Path) -> Path:
     return base / "index"
 
 
-def smoke_args(index: Path, out: Path) -> list[str]:
+def smoke_args(index: Path, out: Path, iterations: int = ITERATIONS) -> list[str]:
     """A 2-step cpu_smoke run with small batches: what every launcher test trains."""
     return ["--config", "cpu_smoke", "--index", str(index), f"meta.output_dir={out}",
-            f"train.iterations={ITERATIONS}", "train.log_every=1", "train.image_every=0", "train.progress_bar=false",
+            f"train.iterations={iterations}", "train.log_every=1", "train.image_every=0", "train.progress_bar=false",
             "data.pipeline.batch_size=4", "data.crops.local_count=2"]
 
 
@@ -35,8 +35,8 @@ def launch_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def finish(procs: list[subprocess.Popen], logs: list[Path]) -> None:
@@ -64,3 +64,37 @@ def check_run(out: Path, world_size: int) -> None:
     assert tag == f"step_{ITERATIONS:08d}"
     ranks = sorted(p.name for p in (ckpt / tag / "trainer").iterdir())
     assert ranks == [f"rank_{r:05d}.pt" for r in range(world_size)]
+
+
+# The variables the launch scripts read: the script tests start from an environment without them.
+SCRIPT_VARS = ("GPUS", "NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "HOSTFILE", "VENV_BIN")
+
+STUB = """#!/bin/sh
+# launcher stand-in: prints its working directory, PYTHONPATH and arguments, one a line; exits with $STUB_RC.
+pwd
+echo "PYTHONPATH=$PYTHONPATH"
+printf '%s\\n' "$0" "$@"
+exit "${STUB_RC:-0}"
+"""
+
+
+def stub_launchers(bin_dir: Path) -> Path:
+    """``deepspeed`` and ``torchrun`` stand-ins (:data:`STUB`) in ``bin_dir``, for ``VENV_BIN``."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("deepspeed", "torchrun"):
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """The test's environment without :data:`SCRIPT_VARS`, plus ``extra``."""
+    env = {k: v for k, v in launch_env().items() if k not in SCRIPT_VARS}
+    env.update(extra)
+    return env
+
+
+def processes_matching(marker: str) -> list[int]:
+    """PIDs of the processes whose command line contains ``marker`` (``pgrep -f``)."""
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in found.stdout.split()]
