@@ -1,8 +1,9 @@
 """``foundation checkpoint universal CKPT [--out DIR]``: a checkpoint that resumes on any number of ranks.
 
 ``CKPT`` is a tag folder (``<run>/checkpoints/step_XXXXXXXX``), a run folder or its ``checkpoints`` folder (the
-newest complete checkpoint is taken). The output (default ``<tag>_universal`` beside the tag) holds DeepSpeed's
-universal engine state, the whole fp32 teacher and the data position; resume with
+checkpoint ``latest`` names is taken, as a resume would). The output (default ``<tag>_universal`` beside the tag)
+holds DeepSpeed's universal engine state, the student's module buffers, the whole fp32 teacher and the data
+position, and ``latest_universal`` beside it names it (as DeepSpeed's converter does); resume with
 ``foundation train ... train.resume=DIR`` (or ``--resume DIR``) on any world size.
 """
 

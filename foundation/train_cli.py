@@ -6,7 +6,7 @@ runs this same command (``python -m foundation.train ...``; see launch/README.md
 1. compose and validate the config (exit 2 on a bad key or value: nothing is written, nothing is built);
 2. join the process group, write the resolved config into ``meta.output_dir`` (rank 0);
 3. build the objective and its parameter groups, open the tile index and this rank's DALI loader;
-4. train, resuming as ``--resume``/``train.resume`` says (auto: the newest complete checkpoint; a bad PATH
+4. train, resuming as ``--resume``/``train.resume`` says (auto: the checkpoint `checkpoints/latest` names; a bad PATH
    exits 2 before any work); exit 3 when too many non-finite losses in a row stop the run (the last checkpoint
    is kept as it was); SIGTERM/SIGINT/SIGUSR1 finish the step, save and exit 0.
 """
@@ -29,7 +29,7 @@ CONFIG_FILE = "config.yaml"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", dest="preset", help="preset name in configs/experiments or a YAML path")
     parser.add_argument("--index", type=Path, help="tile index folder from `foundation index` (train.index)")
-    parser.add_argument("--resume", help="auto (newest complete checkpoint), none, or a checkpoint PATH "
+    parser.add_argument("--resume", help="auto (the checkpoint checkpoints/latest names), none, or a checkpoint PATH "
                         "(train.resume)")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)

@@ -3,9 +3,11 @@ runs that are killed with SIGKILL at a given step or mid-save, and resumed runs 
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +82,19 @@ def overrides(out_dir: str, objective: str, stage: int, iterations: int, batch: 
     return [*SMALL_HEADS, *(f"{k}={v}" for k, v in items.items())]
 
 
+def slide_index(slide: Path, base: Path) -> Path:
+    """A real tile index of one slide at 1 µm/px in ``base/index`` (the train CLI reads the index before it looks at
+    a checkpoint, so a CLI test of a bad resume needs one)."""
+    from foundation.cli import main
+
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / "manifest.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "stain"], [str(slide), "H&E"]])
+    assert main(["index", str(base / "manifest.csv"), "--out", str(base / "index"), "--workers", "1",
+                 "--mpp", "1.0"]) == 0
+    return base / "index"
+
+
 def _kill_mid_save(at_iteration: int) -> None:
     """Every rank dies (SIGKILL) once all have written step ``at_iteration``, before it is committed."""
     from foundation.train import checkpoint
@@ -101,9 +116,27 @@ def _kill_mid_save(at_iteration: int) -> None:
     checkpoint.Checkpointer.save = dying_save
 
 
+def _record_loaded_buffers(into: dict[str, torch.Tensor]) -> Any:
+    """Make ``Checkpointer.load`` copy the engine module's buffers into ``into`` right after it restored them
+    (what the resumed run starts from); returns the original method, to put back."""
+    from foundation.train import checkpoint
+
+    load = checkpoint.Checkpointer.load
+
+    def recording_load(self: Any, tag_dir: Any) -> Any:
+        restored = load(self, tag_dir)
+        into.update({n: b.detach().cpu().clone() for n, b in self.engine.module.named_buffers()})
+        return restored
+
+    checkpoint.Checkpointer.load = recording_load
+    return load
+
+
 def train(rank: int, world_size: int, args: list[str], kill_at: int | None = None,
-          kill_mid_save: int | None = None, term_at: int | None = None, term_rank: int = 1) -> dict[str, Any]:
-    """One run of the real objective in this process; returns what the tests compare (on every rank)."""
+          kill_mid_save: int | None = None, term_at: int | None = None, term_rank: int = 1,
+          record_loaded_buffers: bool = False) -> dict[str, Any]:
+    """One run of the real objective in this process; returns what the tests compare (on every rank).
+    ``record_loaded_buffers``: also return the module buffers as the resume restored them (``loaded_buffers``)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     from foundation.config import load_config, save_config
@@ -122,10 +155,20 @@ def train(rank: int, world_size: int, args: list[str], kill_at: int | None = Non
                                term_at if rank == term_rank else None)
     if kill_mid_save is not None:
         _kill_mid_save(kill_mid_save)
-    result = trainer.run_training(cfg, objective, param_groups(objective, cfg), loader, dist)
+    loaded: dict[str, torch.Tensor] = {}
+    original_load = _record_loaded_buffers(loaded) if record_loaded_buffers else None
+    try:
+        result = trainer.run_training(cfg, objective, param_groups(objective, cfg), loader, dist)
+    finally:
+        if original_load is not None:
+            from foundation.train import checkpoint
+
+            checkpoint.Checkpointer.load = original_load
     out = {"student": {n: safe_get_full_fp32_param(p).float().cpu() for n, p in objective.named_parameters()},
            "state": result.state.state_dict(), "position": loader.position, "consumed": loader.consumed,
            "stopped": result.state.stopped}
+    if record_loaded_buffers:
+        out["loaded_buffers"] = loaded
     if result.teacher is not None:
         out["teacher"] = result.teacher.full_state_dict()
     return out

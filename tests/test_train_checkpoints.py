@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from checkpoint_support import overrides, spawn_jobs
+from checkpoint_support import overrides, slide_index, spawn_jobs
 
 from foundation.cli import main
 from foundation.train.checkpoint import COMPLETE, CheckpointError, resolve_resume, verify
@@ -60,6 +60,13 @@ def test_resume_after_kill_is_bitwise_the_uninterrupted_run(exact, case):
         assert torch.equal(run["resumed"]["student"][name], value), name
     for name, value in (run["full"].get("teacher") or {}).items():
         assert torch.equal(run["resumed"]["teacher"][name], value), name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resumed_run_logs_one_metrics_row_per_step(exact, case):
+    # the killed run had logged past its last checkpoint (step 2); the resumed run replaced those rows
+    path = exact[case]["base"] / "cut" / "metrics.jsonl"
+    assert [json.loads(line)["iteration"] for line in path.open()] == list(range(1, T + 1))
 
 
 def test_interrupted_save_leaves_latest_on_the_previous_checkpoint(exact):
@@ -133,12 +140,12 @@ def resharded(exact, tmp_path_factory):
     source = exact["zero1-ibot"]["base"] / "full" / "checkpoints" / "step_00000002"
     assert main(["checkpoint", "universal", str(source), "--out", str(base / "u21")]) == 0
     one = overrides(str(base / "one"), "ibot", 1, T, 4)
-    spawn_jobs(1, [{"args": [*overrides(str(base / "r21"), "ibot", 1, T, 4), f"train.resume={base / 'u21'}"]},
-                   {"args": one}], str(base / "c.pt"))
+    spawn_jobs(1, [{"args": [*overrides(str(base / "r21"), "ibot", 1, T, 4), f"train.resume={base / 'u21'}"],
+                    "record_loaded_buffers": True}, {"args": one}], str(base / "c.pt"))
     step2 = base / "one" / "checkpoints" / "step_00000002"
     assert main(["checkpoint", "universal", str(step2), "--out", str(base / "u12")]) == 0
-    spawn_jobs(2, [{"args": [*overrides(str(base / "r12"), "ibot", 1, T, 2), f"train.resume={base / 'u12'}"]}],
-               str(base / "d.pt"))
+    spawn_jobs(2, [{"args": [*overrides(str(base / "r12"), "ibot", 1, T, 2), f"train.resume={base / 'u12'}"],
+                    "record_loaded_buffers": True}], str(base / "d.pt"))
     c, d = _load(base / "c.pt"), _load(base / "d.pt")
     consumed12 = _load(f"{base / 'd.pt'}.rank0")[0] + _load(f"{base / 'd.pt'}.rank1")[0]
     return {"base": base, "r21": c[0], "one": c[1], "r12": d[0], "consumed12": consumed12,
@@ -171,6 +178,45 @@ def test_universal_teacher_is_the_reassembled_teacher(resharded):
     step2 = resharded["full_dir"]["r21"] / "checkpoints" / "step_00000002" / "teacher" / "full.pt"
     for name, value in torch.load(step2, weights_only=True).items():
         assert torch.equal(saved[name], value), name
+    # DeepSpeed's converter names the folder it wrote in `latest_universal` beside it: the final one, not the
+    # temporary folder it was built in (which is gone)
+    assert (resharded["base"] / "latest_universal").read_text() == "u12"  # the last conversion into base
+    assert not list(resharded["base"].glob(".tmp_*"))
+
+
+def _saved_buffers(tag_dir):
+    """The module buffers of the run that wrote ``tag_dir``, as DeepSpeed saved them (ZeRO-0/1/2 file)."""
+    states = _load(tag_dir / "mp_rank_00_model_states.pt")
+    return {name: states["module"][name] for name in states["buffer_names"]}
+
+
+@pytest.mark.parametrize("direction", ["r21", "r12"])
+def test_universal_resume_restores_every_module_buffer(resharded, direction):
+    expected = _saved_buffers(resharded["full_dir"][direction] / "checkpoints" / "step_00000002")
+    assert {"dino_center.center", "ibot_center.center"} <= expected.keys()
+    loaded = resharded[direction]["loaded_buffers"]
+    assert loaded.keys() == expected.keys()
+    for name, value in expected.items():
+        assert value.abs().sum() > 0, name  # two steps of centring moved it off its zero start
+        assert torch.equal(loaded[name], value), name
+
+
+def test_universal_conversion_of_zero3_keeps_the_buffers(exact, tmp_path):
+    src = exact["zero3-ibot"]["base"] / "full" / "checkpoints" / "step_00000002"
+    tag = tmp_path / "checkpoints" / src.name
+    shutil.copytree(src, tag)
+    assert main(["checkpoint", "universal", str(tag)]) == 0
+    out = tag.with_name(f"{tag.name}_universal")
+    assert verify(out)["universal"]
+    assert (tag.parent / "latest_universal").read_text() == out.name
+    assert not list(tag.parent.glob(".tmp_*"))
+    states = _load(next(src.glob("zero_pp_rank_0_*model_states.pt")))
+    expected = {name: states["module"][name] for name in states["buffer_names"]}
+    assert {"dino_center.center", "ibot_center.center"} <= expected.keys()
+    kept = torch.load(out / "buffers.pt", weights_only=True)
+    assert kept.keys() == expected.keys()
+    for name, value in expected.items():
+        assert value.abs().sum() > 0 and torch.equal(kept[name], value), name
 
 
 # ---------------------------------------------------------------------------------------- bad files
@@ -209,12 +255,12 @@ def test_incomplete_checkpoint_is_named(exact, tmp_path):
         resolve_resume(tag.parent, str(tag))
 
 
-def test_other_architecture_stops_the_cli_before_any_work(exact, tmp_path, caplog):
+def test_other_architecture_stops_the_cli_before_any_work(exact, wsi, tmp_path, caplog):
     tag = exact["zero1-ibot"]["base"] / "full" / "checkpoints" / "step_00000002"
-    (tmp_path / "index" / "slides").mkdir(parents=True)
+    index = slide_index(wsi["svs_jpeg"], tmp_path / "slides")  # a real one: the CLI reads it first
     args = overrides(str(tmp_path / "run"), "ibot", 1, T, 2, **{"model.depth": 3})
     with caplog.at_level(logging.ERROR):
-        code = main(["train", "--index", str(tmp_path / "index"), "--resume", str(tag), *args])
+        code = main(["train", "--index", str(index), "--resume", str(tag), *args])
     assert code == 2
     assert f"{tag / COMPLETE}: written with another config: model.depth: 2 in the checkpoint, 3 here" in caplog.text
     assert not (tmp_path / "run" / "checkpoints").exists()

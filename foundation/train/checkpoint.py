@@ -2,7 +2,8 @@
 
 Layout under ``<output_dir>/checkpoints``::
 
-    latest                       tag of the newest complete checkpoint, written last (DeepSpeed's tools read it)
+    latest                       tag of the newest complete checkpoint, written last (DeepSpeed's tools read it;
+                                 auto-resume follows it, not the highest step number: see follow_latest)
     zero_to_fp32.py              DeepSpeed's recovery script (copied by DeepSpeed at every save)
     step_00000500/               one tag per saved step
         COMPLETE                 JSON marker, written last: every file with its size, the world size, ZeRO stage,
@@ -145,6 +146,13 @@ def _list_files(directory: Path) -> dict[str, int]:
             if p.is_file() and not p.name.startswith(".")}
 
 
+def write_marker(tag_dir: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``COMPLETE`` (atomically, last) into ``tag_dir``: ``meta`` plus every file there with its size."""
+    full = {**meta, "files": _list_files(tag_dir)}
+    atomic_write_text(tag_dir / COMPLETE, json.dumps(full, indent=1) + "\n")
+    return full
+
+
 def _diff_keys(saved: Any, current: Any, prefix: str) -> list[str]:
     if isinstance(saved, Mapping) and isinstance(current, Mapping):
         out = []
@@ -172,20 +180,33 @@ def check_compatible(tag_dir: Path, meta: Mapping[str, Any], config: Mapping[str
             raise CheckpointError(f"{marker}: written with another config: {'; '.join(diffs[:5])}")
 
 
+def check_topology(tag_dir: Path, meta: Mapping[str, Any], world_size: int, zero_stage: int) -> None:
+    """Refuse a (non-universal) checkpoint of another world size or ZeRO stage (``zero_stage`` < 0: any)."""
+    if meta.get("universal"):
+        return
+    if meta["world_size"] != world_size:
+        raise CheckpointError(f"{tag_dir / COMPLETE}: written by {meta['world_size']} ranks, this run has "
+                              f"{world_size}; resume on {meta['world_size']} ranks or convert it with "
+                              f"`foundation checkpoint universal {tag_dir}`")
+    if zero_stage >= 0 and meta["zero_stage"] != zero_stage:
+        raise CheckpointError(f"{tag_dir / COMPLETE}: written at ZeRO-{meta['zero_stage']}, this run is "
+                              f"ZeRO-{zero_stage}; convert it with `foundation checkpoint universal {tag_dir}`")
+
+
 def step_of(tag_dir: Path) -> int:
     match = TAG_PATTERN.match(tag_dir.name)
     return int(match.group(1)) if match else -1
 
 
 def resolve_resume(directory: Path, spec: str) -> Path | None:
-    """The tag folder to resume from: ``auto`` = the newest complete one under ``directory`` (incomplete or
-    corrupt ones are skipped with a warning naming them; None when there is none), ``none``/``false`` = None,
-    anything else a path (a tag folder, a universal checkpoint, or a checkpoints folder searched like auto)."""
+    """The tag folder to resume from: ``auto`` = the one ``latest`` under ``directory`` names (see
+    :func:`follow_latest`; None when there is none), ``none``/``false`` = None, anything else a path (a tag
+    folder, a universal checkpoint, or a run or checkpoints folder, whose ``latest`` is followed like auto)."""
     spec = str(spec)
     if spec.lower() in ("none", "false", "off", ""):
         return None
     if spec.lower() in ("auto", "true"):
-        return newest_complete(Path(directory))
+        return follow_latest(Path(directory))
     path = Path(spec)
     if not path.is_dir():
         raise CheckpointError(f"train.resume={spec}: no such checkpoint folder")
@@ -194,19 +215,46 @@ def resolve_resume(directory: Path, spec: str) -> Path | None:
         return path
     for candidate in (path / "checkpoints", path):
         if candidate.is_dir() and any(TAG_PATTERN.match(p.name) for p in candidate.iterdir()):
-            found = newest_complete(candidate)
+            found = follow_latest(candidate)
             if found is None:
                 raise CheckpointError(f"train.resume={spec}: no complete checkpoint in {candidate}")
             return found
     raise CheckpointError(f"train.resume={spec}: neither a checkpoint (no {path / COMPLETE}) nor a folder of them")
 
 
-def newest_complete(directory: Path) -> Path | None:
+def follow_latest(directory: Path) -> Path | None:
+    """The complete checkpoint ``directory/latest`` names (the last one this run's folder committed, not
+    necessarily the highest step: a fresh run leaves an earlier run's higher steps behind). When ``latest`` is
+    missing or names no complete checkpoint, the newest complete one, with a warning; None when there is none."""
+    latest = directory / LATEST
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if not TAG_PATTERN.match(tag):
+            reason = f"{latest} names {tag!r}, not a checkpoint tag (step_XXXXXXXX)"
+        else:
+            try:
+                verify(directory / tag)
+                return directory / tag
+            except CheckpointError as err:
+                reason = f"{latest} names {tag}, which cannot be resumed ({err})"
+    else:
+        reason = f"{latest} is missing"
+    found = newest_complete(directory)
+    if found is not None:
+        log.warning("%s; resuming from the newest complete checkpoint %s instead", reason, found)
+    return found
+
+
+def tag_folders(directory: Path) -> list[Path]:
+    """The ``step_XXXXXXXX`` folders in ``directory`` (complete or not), lowest step first."""
     if not directory.is_dir():
-        return None
-    tags = sorted((p for p in directory.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)), key=step_of,
-                  reverse=True)
-    for tag in tags:
+        return []
+    return sorted((p for p in directory.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)), key=step_of)
+
+
+def newest_complete(directory: Path) -> Path | None:
+    """The complete tag folder of the highest step in ``directory`` (others skipped with a warning), or None."""
+    for tag in reversed(tag_folders(directory)):
         try:
             verify(tag)
             return tag
@@ -291,11 +339,10 @@ class Checkpointer:
         missing = [f for f in expected if f not in files]
         if missing:
             raise CheckpointError(f"{tmp_dir}: files {missing} were not written; the checkpoint is not committed")
-        meta = {"format": FORMAT_VERSION, "iteration": iteration, "world_size": self.world_size,
-                "zero_stage": self.identity.zero_stage, "universal": False, "code_version": self.version,
-                "param_shapes": self.identity.param_shapes, "teacher_shapes": self.identity.teacher_shapes,
-                "config": self.identity.config, "files": files}
-        atomic_write_text(tmp_dir / COMPLETE, json.dumps(meta, indent=1) + "\n")
+        write_marker(tmp_dir, {"format": FORMAT_VERSION, "iteration": iteration, "world_size": self.world_size,
+                               "zero_stage": self.identity.zero_stage, "universal": False,
+                               "code_version": self.version, "param_shapes": self.identity.param_shapes,
+                               "teacher_shapes": self.identity.teacher_shapes, "config": self.identity.config})
         if tag_dir.exists():  # the same step saved again (a run resumed before it): the new one replaces it
             shutil.rmtree(tag_dir)
         os.replace(tmp_dir, tag_dir)
@@ -327,16 +374,7 @@ class Checkpointer:
         """Everything checkable before loading (on every rank): completeness, sizes, model, config, world size."""
         meta = verify(tag_dir)
         check_compatible(tag_dir, meta, self.identity.config, self.identity.param_shapes)
-        if meta.get("universal"):
-            return meta
-        if meta["world_size"] != self.world_size:
-            raise CheckpointError(f"{tag_dir / COMPLETE}: written by {meta['world_size']} ranks, this run has "
-                                  f"{self.world_size}; resume on {meta['world_size']} ranks or convert it with "
-                                  f"`foundation checkpoint universal {tag_dir}`")
-        if self.identity.zero_stage >= 0 and meta["zero_stage"] != self.identity.zero_stage:
-            raise CheckpointError(f"{tag_dir / COMPLETE}: written at ZeRO-{meta['zero_stage']}, this run is "
-                                  f"ZeRO-{self.identity.zero_stage}; convert it with `foundation checkpoint "
-                                  f"universal {tag_dir}`")
+        check_topology(tag_dir, meta, self.world_size, self.identity.zero_stage)
         return meta
 
     def load(self, tag_dir: Path | str) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Run logs on rank 0: TensorBoard scalars and images, JSON lines, and a tqdm progress bar with ETA.
 
 Every scalar goes to both sinks under the same tag (``loss/dino``, ``schedule/lr``, ``perf/images_per_s``...),
-so ``metrics.jsonl`` is a plain-text copy of what TensorBoard shows. Other ranks get a logger that does
-nothing, so the loop calls it unconditionally.
+so ``metrics.jsonl`` is a plain-text copy of what TensorBoard shows. A run resumed at step S drops what an
+interrupted run logged after S from both (TensorBoard's ``purge_step``; :func:`truncate_metrics`), so every
+iteration has one row. Other ranks get a logger that does nothing, so the loop calls it unconditionally.
 """
 
 from __future__ import annotations
@@ -15,8 +16,32 @@ from pathlib import Path
 
 import torch
 
+from foundation.fileio import atomic_write_text
+
 TENSORBOARD_DIR = "tensorboard"
 METRICS_FILE = "metrics.jsonl"
+
+
+def _iteration(line: str) -> int | None:
+    """The ``iteration`` of one JSON line, None for a line that is not a whole row (a write cut off by a crash)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    value = row.get("iteration") if isinstance(row, dict) else None
+    return value if isinstance(value, int) else None
+
+
+def truncate_metrics(path: Path, last_iteration: int) -> int:
+    """Keep the rows of ``path`` up to ``last_iteration`` (rewritten atomically: a temporary file, renamed over);
+    return how many rows were dropped. A missing file is left missing."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if (it := _iteration(line)) is not None and it <= last_iteration]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return len(lines) - len(kept)
 
 
 class RunLogger:
@@ -33,6 +58,8 @@ class RunLogger:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         self._writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_iter or None)
+        if start_iter:  # resumed: what an interrupted run logged after this step is replaced by this run's rows
+            truncate_metrics(run_dir / METRICS_FILE, start_iter)
         self._jsonl = (run_dir / METRICS_FILE).open("a", buffering=1)
         if progress_bar:
             from tqdm import tqdm

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,8 +28,10 @@ from foundation.train.checkpoint import (
     CheckpointError,
     RunIdentity,
     check_compatible,
+    check_topology,
     read_marker,
     resolve_resume,
+    tag_folders,
 )
 from foundation.train.engine import (
     DistInfo,
@@ -104,16 +107,46 @@ def _write_run_info(directory: Path, ds_config: Mapping[str, Any]) -> None:
     (directory / DEEPSPEED_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
 
 
-def find_resume(cfg: Any, directory: Path) -> Path | None:
+def launch_world_size() -> int:
+    """The world size the launcher set, read as :func:`~foundation.train.engine.init_distributed` will read it
+    (``WORLD_SIZE``; one process without launcher variables), before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+
+
+def find_resume(cfg: Any, directory: Path, world_size: int | None = None) -> Path | None:
     """The checkpoint ``train.resume`` names (see :func:`~foundation.train.checkpoint.resolve_resume`), checked
-    for completeness before anything is built; every rank resolves it alike from the shared folder."""
+    before anything is built or written: complete, same model and objective config, and (unless universal)
+    written by ``world_size`` ranks (default: :func:`launch_world_size`) at this ZeRO stage. Every rank resolves
+    it alike from the shared folder."""
     try:
         found = resolve_resume(directory, str(cfg.train.resume))
         if found is not None:
-            check_compatible(found, read_marker(found), to_dict(cfg), None)
+            meta = read_marker(found)
+            check_compatible(found, meta, to_dict(cfg), None)
+            check_topology(found, meta, launch_world_size() if world_size is None else world_size,
+                           int(cfg.deepspeed.zero_optimization.stage))
         return found
     except CheckpointError as err:
         raise ConfigError(str(err)) from err
+
+
+def resume_notes(cfg: Any, resume_dir: Path | None, directory: Path) -> list[str]:
+    """Warnings about where a run starts: a checkpoint already at ``train.iterations`` (nothing left to train),
+    or a fresh start beside an earlier run's checkpoints in ``directory`` (left alone, never deleted)."""
+    total = int(cfg.train.iterations)
+    if resume_dir is not None:
+        step = int(read_marker(resume_dir)["iteration"])
+        if step < total:
+            return []
+        return [f"{resume_dir} is at step {step} and train.iterations={total}: nothing left to train (raise "
+                f"train.iterations to train on, or set train.resume=false to start afresh)"]
+    tags = tag_folders(directory)
+    if not tags:
+        return []
+    return [f"{directory} holds {len(tags)} checkpoints of an earlier run ({tags[0].name} .. {tags[-1].name}); "
+            f"this run starts afresh (train.resume={cfg.train.resume}): `latest` will name its own checkpoints, which "
+            f"replace those of the same step; the others stay and count towards train.keep_checkpoints (pruning "
+            f"keeps the highest steps): move them away or use another meta.output_dir"]
 
 
 @dataclass
@@ -138,14 +171,16 @@ def run_training(cfg: Any, objective: Objective, param_groups: Sequence[Mapping[
     ds_config = deepspeed_config(cfg, dist.world_size)
     schedules = build_schedules(cfg, dist.world_size)
     check_objective_schedules(objective, schedules)
+    resume_dir = find_resume(cfg, out_dir / CHECKPOINT_DIR, dist.world_size)  # a bad one: nothing written
     if dist.rank == 0:
         _write_run_info(out_dir, ds_config)
         lr = schedules.specs["lr"]
         log.info("global batch %d (%d per rank x %d accumulation x %d ranks): peak LR %.4g, ZeRO-%d, %s",
                  global_batch_size(cfg, dist.world_size), micro_batch_size(cfg), int(cfg.train.grad_accum_steps),
                  dist.world_size, lr.peak, ds_config["zero_optimization"]["stage"], cfg.train.precision)
+        for note in resume_notes(cfg, resume_dir, out_dir / CHECKPOINT_DIR):
+            log.warning("%s", note)
 
-    resume_dir = find_resume(cfg, out_dir / CHECKPOINT_DIR)
     knn = KnnMonitor.from_config(cfg)  # decodes the monitor's tiles (a bad folder fails before any build)
     if resume_dir is not None and read_marker(resume_dir).get("universal"):
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
