@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from foundation.config import ConfigError, load_config, save_config
 
@@ -61,6 +62,35 @@ def check_index(index_dir: Path) -> None:
                           "little tissue, gives none)")
 
 
+def check_data_device(cfg: Any) -> None:
+    """A GPU data pipeline needs a GPU: say which key to change instead of failing in CUDA's initialisation."""
+    import torch
+
+    if str(cfg.data.pipeline.device) == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("data.pipeline.device=gpu but this machine has no CUDA device: set "
+                          "data.pipeline.device=cpu (and train.precision=fp32 for speed on the CPU)")
+
+
+def build_model(cfg: Any) -> Any:
+    """The objective with its backbone, heads and teacher; a model or objective value that cannot be built, or
+    crop sizes the patch grid does not divide, raise :class:`ConfigError` naming the value."""
+    from foundation.objectives import build_objective
+
+    try:
+        objective = build_objective(cfg)
+    except (ValueError, KeyError) as err:
+        raise ConfigError(f"cannot build the model and objective: {err}") from err
+    patch = objective.backbone().patch_embed.patch_size[0]
+    crops = cfg.data.crops
+    sizes = {"data.crops.global_size": int(crops.global_size)}
+    if "local_crops" in objective.required_batch_keys and int(crops.local_count) > 0:
+        sizes["data.crops.local_size"] = int(crops.local_size)
+    for key, size in sizes.items():
+        if size % patch:
+            raise ConfigError(f"{key}={size} is not a multiple of the patch size {patch} (model.patch_size)")
+    return objective
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.index is not None:
@@ -76,21 +106,23 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("no tile index: pass --index DIR or set train.index (build one with `foundation index`)")
         index_dir = Path(str(cfg.train.index))
         check_index(index_dir)
-        from foundation.train.trainer import CHECKPOINT_DIR, find_resume, run_dir
+        from foundation.train.trainer import CHECKPOINT_DIR, find_resume, run_dir, seed_everything
 
         find_resume(cfg, run_dir(cfg) / CHECKPOINT_DIR)  # a bad or incomplete train.resume stops here
+        check_data_device(cfg)
+        seed_everything(int(cfg.meta.seed))
+        objective = build_model(cfg)  # model and objective values are checked as they are built
     except ConfigError as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
 
     from foundation.data.loader import build_loader
     from foundation.models.param_groups import param_groups
-    from foundation.objectives import build_objective
     from foundation.slides.index import TileIndex
     from foundation.train.checkpoint import CheckpointError
     from foundation.train.engine import init_distributed
     from foundation.train.loop import NonFiniteLossError
-    from foundation.train.trainer import run_training, seed_everything
+    from foundation.train.trainer import run_training
 
     dist = init_distributed()
     _quiet_other_ranks(dist.rank, bool(getattr(args, "verbose", False)))
@@ -98,8 +130,6 @@ def run(args: argparse.Namespace) -> int:
     if dist.rank == 0:
         save_config(cfg, out / CONFIG_FILE)
         log.info("run folder %s (config written), %d rank(s) on %s", out, dist.world_size, dist.device)
-    seed_everything(int(cfg.meta.seed))
-    objective = build_objective(cfg)
     groups = param_groups(objective, cfg)
     index = TileIndex.load(index_dir)
     patch = objective.backbone().patch_embed.patch_size[0]

@@ -47,6 +47,34 @@ def test_an_index_without_tiles_stops_before_any_work(tmp_path, caplog, wsi):
     assert not out.exists()
 
 
+@pytest.fixture(scope="module")
+def index_dir(wsi, tmp_path_factory):
+    from checkpoint_support import slide_index
+
+    return slide_index(wsi["svs_jpeg"], tmp_path_factory.mktemp("slides"))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("objective.mae.mask_ratio=1.5", "objective.mae.mask_ratio must lie in [0, 1), got 1.5"),
+    ("objective.dino.student_temp=-1", "objective.dino.student_temp must be > 0"),
+    ("model.num_heads=5", "model.embed_dim=64 is not divisible by model.num_heads=5"),
+    ("model.depth=0", "model.depth=0 must be >= 1"),
+    ("data.crops.global_size=70", "data.crops.global_size=70 is not a multiple of the patch size 16"),
+    ("data.crops.local_size=33", "data.crops.local_size=33 is not a multiple of the patch size 16"),
+    ("data.pipeline.device=gpu", "data.pipeline.device=gpu but this machine has no CUDA device"),
+])
+def test_bad_model_objective_or_crop_values_stop_before_any_work(index_dir, tmp_path, caplog, override, message):
+    import torch
+
+    if override.startswith("data.pipeline.device") and torch.cuda.is_available():
+        pytest.skip("a GPU is there")
+    out = tmp_path / "run"
+    with caplog.at_level(logging.ERROR):
+        code = main(["train", "--config", "cpu_smoke", "--index", str(index_dir), f"meta.output_dir={out}", override])
+    assert code == 2 and message in caplog.text
+    assert not out.exists()
+
+
 def test_launcher_local_rank_argument_is_accepted(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         code = main(["train", "--config", "cpu_smoke", "--local_rank=1", f"meta.output_dir={tmp_path}/r"])

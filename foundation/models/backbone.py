@@ -44,6 +44,11 @@ def vit_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     g = lambda key: cfgutil.get(model_cfg, key, "model")  # noqa: E731
     mlp_layer, act = MLP_CHOICES[cfgutil.choice(g("mlp"), MLP_CHOICES, "model.mlp")]
     init_values = g("init_values")
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        if int(g(key)) < 1:
+            raise ValueError(f"model.{key}={g(key)} must be >= 1")
+    if int(g("embed_dim")) % int(g("num_heads")):
+        raise ValueError(f"model.embed_dim={g('embed_dim')} is not divisible by model.num_heads={g('num_heads')}")
     return dict(
         img_size=int(g("img_size")),
         patch_size=int(g("patch_size")),
