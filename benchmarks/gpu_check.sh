@@ -149,8 +149,12 @@ fi
 if [[ $PART == data || $PART == all ]]; then
   install_ess || exit 1
   install_dali || exit 1
+  # every gpu-marked test; without CUDA they would all skip and pytest would still exit 0: refuse that first
+  "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'" >>"$LOG" 2>&1 \
+    || { log "CUDA not visible to torch: GPU tests not run"; exit 1; }
   [[ -n ${SKIP_PYTEST:-} ]] || section pytest_gpu_data 60 "$PY" -m pytest -q -m gpu --timeout 300 \
-    -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_stain_dali.py tests/test_train_gpu.py
+    -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_stain_dali.py tests/test_train_gpu.py \
+    tests/test_bench_step.py
   # reader_workers: auto (8 reader processes on a 16-core one-GPU machine), then reading in the training process
   section bench_data 60 "$PY" -m foundation bench data --device gpu --workers 8 --batch-size 128 --batches 40 \
     --warmup 8 --rounds 1 --out "$OUT/bench_data.json"

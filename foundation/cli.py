@@ -34,6 +34,8 @@ _left_process_group = False  # set when a command run by main() joined a process
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # `deepspeed --module foundation CMD ...` puts --local_rank=N before CMD; the command receives it
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in COMMANDS.items():
         # Each command's own arguments are added in main(), so only the chosen command's module is imported.
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser, module = _command_parser(top.command)
     args = _parse(parser, argv[split + 1 :])
     args.verbose = top.verbose
+    if top.local_rank is not None and getattr(args, "local_rank", None) is None:
+        args.local_rank = top.local_rank
     logging.basicConfig(
         level=logging.DEBUG if top.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="folder for everything it writes")
-    parser.add_argument("--config", dest="preset", default="cpu_smoke", help="training preset (configs/experiments)")
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"),
+                        help="folder for everything it writes (default: runs/quickstart)")
+    parser.add_argument("--config", dest="preset", default="cpu_smoke",
+                        help="training preset in configs/experiments (default: cpu_smoke)")
     parser.add_argument("--skip-train", action="store_true", help="stop after the index (data set-up only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for `train`")
 
@@ -54,7 +56,14 @@ def steps(args: argparse.Namespace) -> list[list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     from foundation.cli import main
+    from foundation.config import ConfigError, load_config
+    from foundation.train.trainer import validate
 
+    try:  # the preset and overrides are checked before the demo data is written (also with --skip-train)
+        validate(load_config(args.preset, list(args.overrides)))
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
     for command in steps(args):
         log.info("quickstart: foundation %s", " ".join(command))
         code = main(["-v", *command] if args.verbose else command)

@@ -3,8 +3,9 @@
 # Extra arguments go to pytest. Exit code 5 (no tests collected) is a failure, never a pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# No real data: say where it looked, at once (the module needs only the standard library).
+"${PYTHON:-python3}" -m foundation.shared_data >/dev/null || exit 1
 bash install.sh || { echo "install failed" >&2; exit 1; }
-.venv/bin/python -m foundation.shared_data >/dev/null || exit 1  # no real data: say where it looked, at once
 command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR=cpu
 # Build DeepSpeed's CPU shared-memory comm op once, in one process, before any test starts ranks: two ranks building it
 # at once, or a rank killed mid-build, can leave a broken op behind that aborts every later multi-rank test.

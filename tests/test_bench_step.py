@@ -110,6 +110,8 @@ def test_step_bench_on_the_gpu(tmp_path: Path) -> None:
     (["--model", "vit_test", "train.lr=1e-4", "--objective", "ibot", "mae", "a.b=1"], ["ibot", "mae"], ["vit_test"],
      ["train.lr=1e-4", "a.b=1"]),
     (["x.y=2", "--objective", "mae"], ["mae"], None, ["x.y=2"]),
+    (["--objective", "mae", "--batch", "4", "a.b=1", "--zero", "1", "3", "c.d=false"], ["mae"], None,
+     ["a.b=1", "c.d=false"]),
 ])
 def test_overrides_after_a_list_option_stay_overrides(argv: list[str], objective: list[str],
                                                        model: list[str] | None, overrides: list[str]) -> None:
@@ -122,3 +124,4 @@ def test_overrides_after_a_list_option_stay_overrides(argv: list[str], objective
     args = parser.parse_args(argv)
     take_swallowed_overrides(args)
     assert (args.objective, args.model, args.overrides) == (objective, model, overrides)
+    assert all(isinstance(v, int) for v in [*(args.batch or []), *(args.zero or [])])

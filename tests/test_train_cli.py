@@ -79,6 +79,10 @@ def test_launcher_local_rank_argument_is_accepted(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         code = main(["train", "--config", "cpu_smoke", "--local_rank=1", f"meta.output_dir={tmp_path}/r"])
     assert code == 2 and "no tile index" in caplog.text  # parsed fine, stopped at the missing index
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):  # `deepspeed --module foundation CMD` puts it before the command
+        code = main(["--local_rank=1", "train", "--config", "cpu_smoke", f"meta.output_dir={tmp_path}/r"])
+    assert code == 2 and "no tile index" in caplog.text
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(benchmarks/step_cpu.yaml, benchmarks/step_gpu.yaml)")
     parser.add_argument("--model", nargs="+", help="model config names (configs/model): vit_test vit_base ...")
     parser.add_argument("--objective", nargs="+", help="objective config names: ibot mae ...")
-    parser.add_argument("--batch", nargs="+", type=int, help="samples per rank (data.pipeline.batch_size)")
-    parser.add_argument("--zero", nargs="+", type=int, help="ZeRO stages (deepspeed=zeroN)")
+    parser.add_argument("--batch", nargs="+", help="samples per rank (data.pipeline.batch_size)")
+    parser.add_argument("--zero", nargs="+", help="ZeRO stages (deepspeed=zeroN)")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="train.precision")
     parser.add_argument("--compile", action="store_true",
                         help="our side compiles its blocks (train.compile_blocks=true; the default, auto, compiles "
@@ -60,16 +60,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def take_swallowed_overrides(args: argparse.Namespace) -> None:
-    """Move ``key=value`` items that ``--model``/``--objective`` took (options of several values) to the overrides.
+    """Move ``key=value`` items that the options of several values took to the overrides; ``--batch`` and
+    ``--zero`` become lists of ints (a value that is not one raises ``ValueError`` naming the option).
 
-    ``--objective mae train.lr=1e-4`` otherwise reads ``train.lr=1e-4`` as a second objective name.
+    ``--zero 1 3 train.lr=1e-4`` otherwise reads ``train.lr=1e-4`` as a third ZeRO stage.
     """
-    for option in ("model", "objective"):
+    for option in ("model", "objective", "batch", "zero"):
         values = getattr(args, option) or []
         names = [v for v in values if "=" not in v]
         if len(names) < len(values):
             args.overrides = [*args.overrides, *(v for v in values if "=" in v)]
-            setattr(args, option, names or None)
+        if option in ("batch", "zero"):
+            bad = [v for v in names if not v.isdigit()]
+            if bad:
+                raise ValueError(f"--{option} takes whole numbers, got {bad}")
+            names = [int(v) for v in names]
+        setattr(args, option, names or None)
 
 
 def compose(preset: str | None, overrides: list[str], model: str | None, objective: str | None,
@@ -237,7 +243,11 @@ def run(args: argparse.Namespace) -> int:
     from foundation.perf.report import table, write_json, write_tensorboard
     from foundation.train.engine import init_distributed
 
-    take_swallowed_overrides(args)
+    try:
+        take_swallowed_overrides(args)
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
     overrides = list(args.overrides)
     if args.activation_checkpointing:
         overrides.append("train.activation_checkpointing=true")

@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import socket
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,11 @@ def init_distributed() -> DistInfo:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    # DeepSpeed 0.19's ZeRO-3 calls torch.distributed collectives under their deprecated names, and torch warns at
+    # every call: one line per step. Nothing for the user to change.
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
