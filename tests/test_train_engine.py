@@ -214,6 +214,11 @@ def test_window_meter_means_and_throughput():
     assert out["perf/images_per_s"] == pytest.approx(out["perf/images_per_s_per_gpu"]) and out["perf/images_per_s"] > 0
     assert out["perf/data_wait_share"] > 0 and out["perf/peak_memory_gb"] > 0
     assert meter.steps == 0 and meter.term_sums == {}  # a new window
+    meter.add_step(0.5, 0.1, torch.tensor(float("inf")))  # fp16: a step the loss scaler skipped
+    meter.add_step(0.5, 0.1, 2.0)
+    assert meter.reduce()["optim/grad_norm"] == 2.0  # the mean of the steps taken, not inf
+    meter.add_step(0.5, 0.1, float("inf"))
+    assert math.isnan(meter.reduce()["optim/grad_norm"])  # no step taken in the window
 
 
 def test_run_logger_writes_the_same_tags_to_both_sinks(tmp_path):

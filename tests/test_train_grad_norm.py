@@ -58,3 +58,38 @@ def test_norm_and_clipping_equal_deepspeeds_on_two_ranks(tmp_path, stage, precis
         torch.testing.assert_close(ours, plain * 0.5 / float(out["ours"]), rtol=1e-5, atol=1e-12)  # clip to 0.5
     # a non-finite norm: every gradient becomes 0, the NaN one too (no host check needed)
     assert all(torch.equal(g, torch.zeros_like(g)) for g in out["clipped"]["nan"])
+
+
+def _norms_zero0_and_zero1(rank: int, result_path: str) -> None:
+    from foundation.config import load_config
+    from foundation.train.build import build_engines
+    from foundation.train.engine import deepspeed_config, init_distributed, keeps_grad_norm
+
+    info = init_distributed()
+    out = {}
+    for stage in (0, 1):
+        cfg = load_config(overrides=tiny_overrides("unused", stage, **{"train.precision": "fp32",
+                                                                       "train.grad_clip": 0.5}))
+        ds_config = deepspeed_config(cfg, info.world_size)
+        objective = TinyObjective(seed=0)
+        engines = build_engines(objective, tiny_param_groups(objective), cfg, ds_config, info)
+        engine = engines.engine
+        loss, _ = engine(synthetic_batch(4, seed=10), engines.teacher.module, {"teacher_temp": 0.05,
+                                                                             "ibot_weight": 1.0, "mae_weight": 1.0})
+        engine.backward(loss * 1e3)
+        # what the loop measures when DeepSpeed keeps no norm (LoopParts.grad_norm_before_step)
+        before = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
+        engine.step()
+        out[stage] = {"keeps": keeps_grad_norm(ds_config), "deepspeed": engine.get_global_grad_norm(),
+                      "before_step": before}
+    torch.save(out, result_path)
+
+
+def test_the_loop_measures_the_norm_deepspeed_does_not_keep_at_zero0(tmp_path):
+    path = tmp_path / "norms.pt"
+    spawn(_norms_zero0_and_zero1, str(path), world_size=1)
+    out = torch.load(path)
+    assert out[0]["keeps"] is False and out[0]["deepspeed"] is None  # ZeRO-0 fp32: clipped, no norm kept
+    assert out[1]["keeps"] is True and float(out[1]["deepspeed"]) > 1
+    torch.testing.assert_close(out[0]["before_step"].double(), torch.as_tensor(out[1]["deepspeed"]).double(),
+                               rtol=1e-5, atol=0)  # the same batch and weights: the norm ZeRO-1 reports

@@ -22,6 +22,7 @@ from foundation.train.engine import (
     autocast_dtype,
     deepspeed_config,
     global_batch_size,
+    keeps_grad_norm,
 )
 from foundation.train.loop import LoopParts, LoopState, _micro_steps
 from foundation.train.metrics import WindowMeter
@@ -42,7 +43,7 @@ class OurStep:
             logger=None, meter=WindowMeter(dist.device, dist.world_size, global_batch_size(cfg, dist.world_size)),
             checkpointer=None, device=dist.device, compute_dtype=autocast_dtype(str(cfg.train.precision)),
             grad_accum_steps=int(cfg.train.grad_accum_steps), log_every=10**9, checkpoint_every=0, image_every=0,
-            max_nonfinite_in_row=1,
+            max_nonfinite_in_row=1, grad_norm_before_step=not keeps_grad_norm(self.ds_config),
         )
         self.state = LoopState()
         self.last_loss: torch.Tensor | None = None
@@ -53,10 +54,10 @@ class OurStep:
 
         values = self.schedules.values(self.iteration)
         apply_schedule(self.engine.optimizer.param_groups, values)
-        _micro_steps(self.parts, self.state, values)
+        _, grad_norm = _micro_steps(self.parts, self.state, values)
         if self.teacher is not None:
             self.teacher.update(values["teacher_momentum"])
-        self.parts.meter.add_step(0.0, 0.0, self.engine.get_global_grad_norm())
+        self.parts.meter.add_step(0.0, 0.0, grad_norm)
 
     def loss(self) -> torch.Tensor:
         """Forward only (no grad), under the run's autocast: the loss ours computes on the batch now."""

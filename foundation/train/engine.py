@@ -190,6 +190,12 @@ def zero_stage(ds_config: Mapping[str, Any]) -> int:
     return int(ds_config["zero_optimization"]["stage"])
 
 
+def keeps_grad_norm(ds_config: Mapping[str, Any]) -> bool:
+    """Whether ``engine.get_global_grad_norm()`` gives the step's norm: not at ZeRO-0 in fp32, where DeepSpeed clips
+    with torch's ``clip_grad_norm_`` and keeps nothing (the loop then measures the norm itself)."""
+    return zero_stage(ds_config) > 0 or any(ds_config[key]["enabled"] for key in ("bf16", "fp16"))
+
+
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """Compute dtype of the forward (None: full fp32)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

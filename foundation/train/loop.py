@@ -74,6 +74,8 @@ class LoopParts:
     pictures: Callable[[int], None] | None = None
     stop: Callable[[torch.device], bool] | None = None  # a collective: whether any rank was asked to stop
     monitor: TrainMonitor | None = None  # the kNN monitor (a collective at ZeRO-3: every rank calls it)
+    # ZeRO-0 in fp32: DeepSpeed clips without keeping the norm, so the loop measures it before the step
+    grad_norm_before_step: bool = False
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -113,10 +115,13 @@ def _nonfinite(parts: LoopParts, state: LoopState, loss: torch.Tensor, terms: Ma
             "Lower the LR or raise its warmup, prefer bf16 to fp16, check the data, then resume.")
 
 
-def _micro_steps(parts: LoopParts, state: LoopState, values: Mapping[str, float]) -> float:
-    """Run ``grad_accum_steps`` finite micro-batches (backward + engine.step each); return seconds waiting for data."""
+def _micro_steps(parts: LoopParts, state: LoopState,
+                 values: Mapping[str, float]) -> tuple[float, torch.Tensor | float | None]:
+    """Run ``grad_accum_steps`` finite micro-batches (backward + engine.step each); return the seconds spent
+    waiting for data and the step's gradient norm (before clipping; a device tensor where DeepSpeed keeps one)."""
     teacher_module = parts.teacher.module if parts.teacher is not None else None
     data_seconds = 0.0
+    grad_norm = None
     done = 0
     while done < parts.grad_accum_steps:
         start = time.perf_counter()
@@ -129,10 +134,13 @@ def _micro_steps(parts: LoopParts, state: LoopState, values: Mapping[str, float]
             continue
         state.nonfinite_in_row = 0
         parts.engine.backward(loss)
+        if parts.grad_norm_before_step and done + 1 == parts.grad_accum_steps:
+            grads = [p.grad for p in parts.engine.module.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         parts.engine.step()
         parts.meter.add_micro(loss, terms)
         done += 1
-    return data_seconds
+    return data_seconds, grad_norm if parts.grad_norm_before_step else parts.engine.get_global_grad_norm()
 
 
 def _due(iteration: int, every: int, last: bool) -> bool:
@@ -145,11 +153,11 @@ def train_loop(parts: LoopParts, state: LoopState, total_iters: int) -> LoopStat
         step_start = time.perf_counter()
         values = parts.schedules.values(state.iteration)
         apply_schedule(parts.engine.optimizer.param_groups, values)
-        data_seconds = _micro_steps(parts, state, values)
+        data_seconds, grad_norm = _micro_steps(parts, state, values)
         if parts.teacher is not None:
             parts.teacher.update(values["teacher_momentum"])
         state.iteration += 1
-        parts.meter.add_step(time.perf_counter() - step_start, data_seconds, parts.engine.get_global_grad_norm())
+        parts.meter.add_step(time.perf_counter() - step_start, data_seconds, grad_norm)
         parts.logger.advance()
         last = state.iteration == total_iters
         monitored = parts.monitor(values) if parts.monitor is not None and parts.monitor.due(state.iteration) else {}

@@ -61,10 +61,14 @@ class WindowMeter:
         """Window means over steps and ranks (a collective: call it on every rank), then start a new window."""
         wall = time.perf_counter() - self.window_start
         names = sorted(self.term_sums)
-        # DeepSpeed hands the norm back as a device tensor or a float: averaged on the device, one host copy
-        grad_norm = torch.stack([torch.as_tensor(g, dtype=torch.float64, device=self.device)
-                                 for g in self.grad_norms]).mean().cpu() if self.grad_norms \
-            else torch.tensor(float("nan"), dtype=torch.float64)
+        # DeepSpeed hands the norm back as a device tensor or a float: averaged on the device, one host copy. Over the
+        # finite norms only: an fp16 step the loss scaler skipped (counted in health/overflow_skipped_steps) has an
+        # inf norm and would make the whole window's mean inf; nan when no step of the window had one.
+        grad_norm = torch.tensor(float("nan"), dtype=torch.float64)
+        if self.grad_norms:
+            norms = torch.stack([torch.as_tensor(g, dtype=torch.float64, device=self.device) for g in self.grad_norms])
+            finite = torch.isfinite(norms)
+            grad_norm = (torch.where(finite, norms, 0.0).sum() / finite.sum()).cpu()
         local = torch.stack([
             *[self.term_sums[n].double().cpu() / max(self.micro_steps, 1) for n in names],
             torch.tensor(self.data_seconds / max(wall, _TINY_SECONDS), dtype=torch.float64),

@@ -38,6 +38,7 @@ from foundation.train.engine import (
     autocast_dtype,
     deepspeed_config,
     global_batch_size,
+    keeps_grad_norm,
     micro_batch_size,
     validate_engine_config,
 )
@@ -228,7 +229,7 @@ def run_training(cfg: Any, objective: Objective, param_groups: Sequence[Mapping[
         checkpoint_every=int(cfg.train.checkpoint_every), image_every=int(cfg.train.image_every),
         max_nonfinite_in_row=int(cfg.train.max_nonfinite_in_row),
         data_state=(lambda: data.state_dict()) if hasattr(data, "state_dict") else (lambda: None),
-        pictures=pictures, monitor=monitor,
+        pictures=pictures, monitor=monitor, grad_norm_before_step=not keeps_grad_norm(ds_config),
     )
     try:
         if bool(cfg.train.stop_on_signal):
