@@ -62,6 +62,7 @@ def index_dir(wsi, tmp_path_factory):
     ("data.crops.global_size=70", "data.crops.global_size=70 is not a multiple of the patch size 16"),
     ("data.crops.local_size=33", "data.crops.local_size=33 is not a multiple of the patch size 16"),
     ("data.pipeline.device=gpu", "data.pipeline.device=gpu but this machine has no CUDA device"),
+    ("objective=mae objective.weights.koleo=0.1", "MAE computes no ['koleo'] loss term"),
 ])
 def test_bad_model_objective_or_crop_values_stop_before_any_work(index_dir, tmp_path, caplog, override, message):
     import torch
@@ -70,7 +71,8 @@ def test_bad_model_objective_or_crop_values_stop_before_any_work(index_dir, tmp_
         pytest.skip("a GPU is there")
     out = tmp_path / "run"
     with caplog.at_level(logging.ERROR):
-        code = main(["train", "--config", "cpu_smoke", "--index", str(index_dir), f"meta.output_dir={out}", override])
+        code = main(["train", "--config", "cpu_smoke", "--index", str(index_dir), f"meta.output_dir={out}",
+                     *override.split()])
     assert code == 2 and message in caplog.text
     assert not out.exists()
 

@@ -62,12 +62,15 @@ def run_dir(cfg: Any) -> Path:
     return Path(str(cfg.meta.output_dir))
 
 
+WEIGHT_SUFFIX = "_weight"  # loss-term weight schedules: <term>_weight
+
+
 def objective_weight_defaults(cfg: Any) -> dict[str, float]:
     """``objective.weights.<term>`` as ``<term>_weight``: the constants behind ``null`` weight schedules."""
     weights = cfg.objective.get("weights") if "objective" in cfg else None
     if not weights:
         return {}
-    return {f"{term}_weight": float(value) for term, value in to_dict(weights).items()}
+    return {f"{term}{WEIGHT_SUFFIX}": float(value) for term, value in to_dict(weights).items()}
 
 
 def build_schedules(cfg: Any, world_size: int) -> Schedules:
@@ -90,11 +93,19 @@ def validate(cfg: Any) -> None:
 
 
 def check_objective_schedules(objective: Objective, schedules: Schedules) -> None:
-    """The objective's ``schedule_names`` must all be scheduled (and so logged)."""
+    """The objective's ``schedule_names`` must all be scheduled (and so logged), and a loss term it does not
+    compute must not be given a weight (it would be logged as if it were trained)."""
     missing = [n for n in objective.schedule_names if n not in schedules.names]
     if missing:
         raise ConfigError(f"{type(objective).__name__} reads the schedules {missing}: set train.schedules.<name> "
                           f"(or objective.weights.<term> for a null *_weight)")
+    idle = [n for n, spec in schedules.specs.items() if n.endswith(WEIGHT_SUFFIX)
+            and n not in objective.schedule_names and (spec.start, spec.peak, spec.end) != (0.0, 0.0, 0.0)]
+    if idle:
+        terms = [n.removesuffix(WEIGHT_SUFFIX) for n in idle]
+        raise ConfigError(f"{type(objective).__name__} computes no {terms} loss term, but it has a weight "
+                          f"({', '.join(f'objective.weights.{t} / train.schedules.{t}{WEIGHT_SUFFIX}' for t in terms)}"
+                          f"): set it to 0 or choose an objective with that term")
 
 
 def seed_everything(seed: int) -> None:
