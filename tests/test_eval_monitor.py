@@ -65,6 +65,17 @@ def test_knn_accuracy_and_feature_std_match_a_direct_computation(cfg, monitor):
     assert got["feature_std"] == pytest.approx(z.numpy().std(axis=0, ddof=1).mean(), rel=1e-5)
 
 
+def test_features_that_carry_nothing_score_chance_not_below():
+    from foundation.eval.knn import KnnParams
+    from foundation.eval.monitor import leave_one_source_out_knn
+
+    labels = np.repeat(np.arange(8), 3)  # 8 classes of 3 tiles, each tile its own source
+    proba = leave_one_source_out_knn(torch.ones(24, 16), labels, np.arange(24),
+                                     KnnParams(k=20, voting="weighted", temperature=0.07, center=False))
+    # k=20 of 23 candidates let the other classes' 3 tiles out-vote a tile's own class' 2: always wrong (0.0)
+    assert balanced_accuracy_score(labels, proba.argmax(axis=1)) == pytest.approx(1 / 8)
+
+
 def test_collapse_shows_in_feature_std_and_head_entropy(cfg, monitor):
     backbone = backbone_of(cfg)
     healthy = monitor(backbone)["feature_std"]

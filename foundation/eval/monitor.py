@@ -49,7 +49,10 @@ def leave_one_source_out_knn(features: torch.Tensor, labels: np.ndarray, groups:
     candidates = int((~same).sum(axis=1).min())
     if candidates < 1:
         raise ValueError("kNN monitor: a source holds every tile; it needs tiles from at least two sources")
-    k = min(params.k, candidates)
+    # k at most the fewest candidates a class has for any tile: with more, a tile's own class (its source left
+    # out) is out-voted by numbers alone, and features that carry nothing score below chance instead of at it
+    per_class = (~same).astype(np.int64) @ (labels[:, None] == np.unique(labels)[None, :]).astype(np.int64)
+    k = min(params.k, candidates, int(per_class[per_class > 0].min()))
     neighbours = np.argsort(-sim, axis=1, kind="stable")[:, :k]
     sims = np.take_along_axis(sim, neighbours, axis=1)
     return vote(sims, labels[neighbours], int(labels.max()) + 1, params)
