@@ -60,6 +60,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.prefix != sys.base_prefix:  # in a venv: DeepSpeed's JIT ops built for it (see tests/run.sh)
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     split = next((i for i, a in enumerate(argv) if a in COMMANDS), None)
     top = build_parser().parse_args(argv if split is None else argv[: split + 1])
     parser, module = _command_parser(top.command)

@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 "${PYTHON:-python3}" -m foundation.shared_data >/dev/null || exit 1
 bash install.sh || { echo "install failed" >&2; exit 1; }
 command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR=cpu
+# DeepSpeed's JIT ops built for this venv, not in the per-user cache another checkout's venv also uses (each would
+# rebuild them, 1-2 min per process, whenever the other had built last)
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
 # Build DeepSpeed's CPU shared-memory comm op once, in one process, before any test starts ranks: two ranks building it
 # at once, or a rank killed mid-build, can leave a broken op behind that aborts every later multi-rank test.
 if [ "${DS_ACCELERATOR:-}" = "cpu" ]; then
