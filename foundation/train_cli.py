@@ -75,13 +75,13 @@ def build_model(cfg: Any) -> Any:
     """The objective with its backbone, heads and teacher; a model or objective value that cannot be built, or
     crop sizes the patch grid does not divide, raise :class:`ConfigError` naming the value."""
     from foundation.objectives import build_objective
-    from foundation.train.trainer import build_schedules, check_objective_schedules, launch_world_size
+    from foundation.train.trainer import build_schedules, check_unused_weights, launch_world_size
 
     try:
         objective = build_objective(cfg)
     except (ValueError, KeyError) as err:
         raise ConfigError(f"cannot build the model and objective: {err}") from err
-    check_objective_schedules(objective, build_schedules(cfg, launch_world_size()))
+    check_unused_weights(objective, build_schedules(cfg, launch_world_size()))
     patch = objective.backbone().patch_embed.patch_size[0]
     crops = cfg.data.crops
     sizes = {"data.crops.global_size": int(crops.global_size)}

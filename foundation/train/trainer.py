@@ -93,12 +93,16 @@ def validate(cfg: Any) -> None:
 
 
 def check_objective_schedules(objective: Objective, schedules: Schedules) -> None:
-    """The objective's ``schedule_names`` must all be scheduled (and so logged), and a loss term it does not
-    compute must not be given a weight (it would be logged as if it were trained)."""
+    """The objective's ``schedule_names`` must all be scheduled (and so logged)."""
     missing = [n for n in objective.schedule_names if n not in schedules.names]
     if missing:
         raise ConfigError(f"{type(objective).__name__} reads the schedules {missing}: set train.schedules.<name> "
                           f"(or objective.weights.<term> for a null *_weight)")
+
+
+def check_unused_weights(objective: Objective, schedules: Schedules) -> None:
+    """A loss term the objective does not compute must not be given a weight: it would be logged as if it were
+    trained (``foundation train`` checks this before any work)."""
     idle = [n for n, spec in schedules.specs.items() if n.endswith(WEIGHT_SUFFIX)
             and n not in objective.schedule_names and (spec.start, spec.peak, spec.end) != (0.0, 0.0, 0.0)]
     if idle:
