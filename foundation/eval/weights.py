@@ -90,16 +90,16 @@ def _export(path: Path, cfg: DictConfig, stain: str | None, marker: str | None) 
         mean, std = list(cfg.data.crops.mean), list(cfg.data.crops.std)
     vocab = StainVocabulary.from_config(to_dict(cfg.stain))
     requested = vocab.requested_label(stain, marker)
-    if info["mode"] == "none":
+    refold = _refolder(model, info, vocab, path) if info["mode"] != "none" else None
+    if refold is None:
         label = "none (no stain token)"
         if requested.stain_id or requested.marker_id:
             log.info("%s has stain mode 'none': the stain label is ignored", path)
     elif stain is None and marker is None:
         label = str(info.get("folded_label", UNKNOWN))  # the label `foundation export --stain` folded in
     else:
-        _refolder(model, info, vocab, path)(requested.stain_id, requested.marker_id)
+        refold(requested.stain_id, requested.marker_id)
         label = vocab.describe(requested)
-    refold = _refolder(model, info, vocab, path) if info["mode"] != "none" else None
     arch, kwargs = timm_load_args(path)
     kwargs.pop("pretrained_cfg_overlay")
     return TimmEncoder(model, f"export {path}", mean, std, int(pretrained["input_size"][-1]), arch, kwargs, label,
